@@ -1,0 +1,484 @@
+"""The one typed, validated configuration of the whole workflow.
+
+Sections: ``data``, ``model``, ``train``, ``tune``, ``eval``, ``registry``. Every field has a
+flattened dotted key (``model.roi_size``, ``train.lr``) that is at once the YAML key, the
+``--set key=value`` override, the MLflow param name and the Tune search-space key. An unknown
+key or a bad value raises :class:`ConfigError` naming the key, before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the raw dataset lives, how it is preprocessed and where the Parquet goes."""
+
+    source: str = "synthetic"
+    """``synthetic`` (generated if absent under ``root``) or ``coco`` (any COCO-format person
+    keypoint dataset: COCO, OCHuman, ...)."""
+    root: str = "data/synthetic"
+    """Dataset root, a local path or ``s3://bucket/prefix``. Relative paths below resolve here."""
+    train_annotations: str = "annotations/person_keypoints_train.json"
+    """COCO keypoint JSON of the training split (relative to ``root`` unless absolute/URI)."""
+    train_images: str = "images/train"
+    """Folder of training images (relative to ``root`` unless absolute/URI)."""
+    val_annotations: str = "annotations/person_keypoints_val.json"
+    """COCO keypoint JSON of the validation split."""
+    val_images: str = "images/val"
+    """Folder of validation images."""
+    processed: str = "data/processed"
+    """Root of the preprocessed Parquet (local or s3://); a variant folder per preprocessing key."""
+    input_size: int = 256
+    """Images are resized so their longer side is this many pixels and padded to a square."""
+    image_encoding: str = "png"
+    """How images are stored in Parquet: ``png`` (lossless) or ``jpeg``."""
+    images_per_shard: int = 32
+    """Images per Ray Data preprocessing task / Parquet file."""
+    max_reject_fraction: float = 0.5
+    """Preprocessing fails if more than this fraction of people is rejected."""
+    synthetic_num_train: int = 480
+    """Synthetic generator: number of training images."""
+    synthetic_num_val: int = 120
+    """Synthetic generator: number of validation images."""
+    synthetic_image_size: int = 256
+    """Synthetic generator: image side in pixels."""
+    synthetic_max_people: int = 4
+    """Synthetic generator: at most this many people per image (at least 1)."""
+    synthetic_overlap: float = 0.6
+    """Synthetic generator: 0 = people placed apart, 1 = people stacked on each other."""
+    synthetic_seed: int = 0
+    """Synthetic generator seed; the dataset is a pure function of the synthetic_* keys."""
+
+    def validate(self) -> None:
+        _one_of(self.source, "data.source", ("synthetic", "coco"))
+        _one_of(self.image_encoding, "data.image_encoding", ("png", "jpeg"))
+        _check(32 <= self.input_size <= 2048, "data.input_size", "must be in [32, 2048]")
+        _check(self.images_per_shard >= 1, "data.images_per_shard", "must be >= 1")
+        _check(0.0 <= self.max_reject_fraction <= 1.0, "data.max_reject_fraction", "must be in [0, 1]")
+        _check(self.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
+        _check(self.synthetic_num_val >= 1, "data.synthetic_num_val", "must be >= 1")
+        _check(self.synthetic_image_size >= 64, "data.synthetic_image_size", "must be >= 64")
+        _check(self.synthetic_max_people >= 1, "data.synthetic_max_people", "must be >= 1")
+        _check(0.0 <= self.synthetic_overlap <= 1.0, "data.synthetic_overlap", "must be in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """The network and the options the ablations search."""
+
+    arch: str = "pose2seg"
+    """``pose2seg``, or ``maskrcnn`` for the torchvision Mask R-CNN baseline."""
+    backbone_depth: int = 18
+    """ResNet depth of the backbone: 18, 34 or 50 (paper: 50)."""
+    fpn_channels: int = 64
+    """Channels of the FPN outputs (paper: 256)."""
+    pretrained_backbone: str = ""
+    """Optional local path to a torchvision ResNet state dict; nothing is ever downloaded."""
+    roi_size: int = 64
+    """S: side of the aligned RoI in pixels (paper: 64)."""
+    num_residual_units: int = 10
+    """Residual units of the SegModule before upsampling (paper: 10)."""
+    seg_channels: int = 64
+    """Width of the SegModule."""
+    skeleton_features: str = "both"
+    """Skeleton features concatenated to the aligned features: both, paf, heatmaps or none."""
+    num_templates: int = 3
+    """Number of pose templates fitted by k-means on the training poses."""
+    alignment: str = "pose"
+    """``pose``: affine onto the best pose template; ``box``: the bounding-box baseline."""
+    heatmap_sigma_px: float = 2.0
+    """Std of the keypoint confidence Gaussians, in aligned-frame pixels at S = 64 (scales with S)."""
+    paf_width_px: float = 1.5
+    """Half-width of a limb in the part affinity fields, aligned-frame pixels at S = 64."""
+    mask_threshold: float = 0.5
+    """Probability above which a warped-back mask pixel belongs to the person."""
+
+    def validate(self) -> None:
+        _one_of(self.arch, "model.arch", ("pose2seg", "maskrcnn"))
+        _one_of(self.backbone_depth, "model.backbone_depth", (18, 34, 50))
+        _check(8 <= self.fpn_channels <= 1024, "model.fpn_channels", "must be in [8, 1024]")
+        _check(
+            self.roi_size >= 16 and self.roi_size % 4 == 0,
+            "model.roi_size",
+            f"must be a multiple of 4 and >= 16, got {self.roi_size}",
+        )
+        _check(self.num_residual_units >= 1, "model.num_residual_units", "must be >= 1")
+        _check(self.seg_channels >= 8, "model.seg_channels", "must be >= 8")
+        _one_of(self.skeleton_features, "model.skeleton_features", ("both", "paf", "heatmaps", "none"))
+        _check(1 <= self.num_templates <= 64, "model.num_templates", "must be in [1, 64]")
+        _one_of(self.alignment, "model.alignment", ("pose", "box"))
+        _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
+        _check(self.paf_width_px > 0, "model.paf_width_px", "must be > 0")
+        _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
+        if self.pretrained_backbone and "://" not in self.pretrained_backbone:
+            _check(
+                os.path.isfile(self.pretrained_backbone),
+                "model.pretrained_backbone",
+                f"no such file {self.pretrained_backbone!r}",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train scaling, optimisation and checkpointing."""
+
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker when true."""
+    cpus_per_worker: float = 0.5
+    """CPUs each worker asks for; leave some for Ray Data (a worker holding every CPU starves it)."""
+    epochs: int = 12
+    """Training epochs."""
+    batch_size: int = 8
+    """Images per worker per step."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd``."""
+    lr: float = 2e-3
+    """Peak learning rate after warm-up."""
+    weight_decay: float = 1e-4
+    """Weight decay."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps from lr/10 to lr."""
+    schedule: str = "cosine"
+    """After warm-up: ``cosine`` (to 1% of lr), ``step`` (x0.1 at 2/3 and 8/9 of training) or ``constant``."""
+    grad_clip_norm: float = 5.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    mixed_precision: bool = True
+    """bf16/fp16 autocast on GPU; ignored on CPU."""
+    seed: int = 0
+    """Seed of model init and data order."""
+    storage_path: str = "runs"
+    """Ray Train/Tune storage for checkpoints: a local path or s3://."""
+    run_name: str = ""
+    """Ray Train run name; empty = a new unique name. Reuse a name (with --resume) to continue it."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    num_to_keep: int = 2
+    """Checkpoints kept in storage."""
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _one_of(self.schedule, "train.schedule", ("cosine", "step", "constant"))
+        _check(self.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
+        _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        _check(self.num_to_keep >= 1, "train.num_to_keep", "must be >= 1")
+
+
+@dataclass
+class TuneConfig:
+    """The Ray Tune ablation search over dotted keys."""
+
+    search_space: dict[str, list] = field(
+        default_factory=lambda: {"model.skeleton_features": ["both", "none"], "model.alignment": ["pose", "box"]}
+    )
+    """Dotted key -> list of values (grid), e.g. ``{"model.roi_size": [32, 64]}``."""
+    num_samples: int = 1
+    """Repeats of the grid."""
+    max_concurrent_trials: int = 1
+    """Trials running at once."""
+    cpus_per_trial_driver: float = 0.5
+    """CPU held by each trial's driver (the workers ask for train.cpus_per_worker on top)."""
+    grace_period: int = 2
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA reduction factor."""
+    name: str = ""
+    """Experiment name under train.storage_path; reuse it to resume a search."""
+
+    def validate(self) -> None:
+        _check(isinstance(self.search_space, dict), "tune.search_space", "must be a mapping")
+        for key, values in self.search_space.items():
+            _check(key in _FIELD_TYPES, f"tune.search_space.{key}", "is not a config key")
+            _check(not key.startswith("tune."), f"tune.search_space.{key}", "cannot search tune.* keys")
+            _check(
+                isinstance(values, list) and len(values) >= 1,
+                f"tune.search_space.{key}",
+                "must be a non-empty list of values",
+            )
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
+        _check(self.cpus_per_trial_driver > 0, "tune.cpus_per_trial_driver", "must be > 0")
+        _check(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and prediction."""
+
+    keypoints: str = "gt"
+    """``gt`` (ground-truth keypoints) or the path/URI of a COCO keypoint-results JSON."""
+    batch_size: int = 8
+    """Images per inference batch."""
+    occlusion_bins: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 0.75, 1.0])
+    """MaxIoU bin edges for the AP-by-occlusion breakdown (OCHuman: 0.5-0.75 moderate, >0.75 hard)."""
+    occluded_min_iou: float = 0.5
+    """People with MaxIoU at least this form the "occluded" subset."""
+    num_overlays: int = 8
+    """Overlay PNGs written by evaluate/predict."""
+    output_dir: str = "outputs"
+    """Where results JSON, tables and overlays are written."""
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        bins = self.occlusion_bins
+        _check(
+            len(bins) >= 2 and all(a < b for a, b in zip(bins, bins[1:], strict=False)),
+            "eval.occlusion_bins",
+            "must be at least two increasing edges",
+        )
+        _check(0.0 <= self.occluded_min_iou <= 1.0, "eval.occluded_min_iou", "must be in [0, 1]")
+        _check(self.num_overlays >= 0, "eval.num_overlays", "must be >= 0")
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow tracking and the model registry."""
+
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or a local sqlite:///mlflow.db."""
+    experiment: str = "pose2seg"
+    """MLflow experiment name."""
+    model_name: str = "pose2seg"
+    """Registered model name."""
+    alias: str = "champion"
+    """Alias moved to a new version only when its val AP beats the current holder's."""
+    register: bool = True
+    """Register the trained model."""
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "registry.experiment", "must not be empty")
+        _check(bool(self.model_name), "registry.model_name", "must not be empty")
+        _check(bool(self.alias), "registry.alias", "must not be empty")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "tune": TuneConfig,
+    "eval": EvalConfig,
+    "registry": RegistryConfig,
+}
+
+
+def _field_types() -> dict[str, Any]:
+    types: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            types[f"{section}.{f.name}"] = hints[f.name]
+    return types
+
+
+_FIELD_TYPES: dict[str, Any] = _field_types()
+
+# Keys whose value changes the preprocessed Parquet: each distinct combination is its own
+# dataset variant (see :meth:`Config.preprocess_key`).
+PREPROCESS_KEYS: tuple[str, ...] = (
+    "data.source",
+    "data.root",
+    "data.train_annotations",
+    "data.train_images",
+    "data.val_annotations",
+    "data.val_images",
+    "data.input_size",
+    "data.image_encoding",
+    "data.synthetic_num_train",
+    "data.synthetic_num_val",
+    "data.synthetic_image_size",
+    "data.synthetic_max_people",
+    "data.synthetic_overlap",
+    "data.synthetic_seed",
+    "model.roi_size",
+    "model.num_templates",
+    "model.alignment",
+    "model.heatmap_sigma_px",
+    "model.paf_width_px",
+)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` to the declared type of ``key`` or raise ConfigError naming the key."""
+    typ = _FIELD_TYPES[key]
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if origin is list:
+            if not isinstance(value, list):
+                raise TypeError
+            (inner,) = typing.get_args(typ)
+            return [inner(v) for v in value]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover - a bug in this file
+
+
+@dataclass
+class Config:
+    """The whole workflow's configuration; build it with :func:`load_config` or :meth:`from_flat`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+
+    def to_flat(self) -> dict[str, Any]:
+        """``{"model.roi_size": 64, ...}`` for every key (lists and dicts kept as values)."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> Config:
+        """Build from dotted keys; missing keys take their defaults, unknown keys raise."""
+        values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in flat.items():
+            if key not in _FIELD_TYPES:
+                raise ConfigError(f"{key}: unknown config key{_suggest(key)}")
+            section, name = key.split(".", 1)
+            values[section][name] = _coerce(key, value)
+        sections = {}
+        for section, cls_ in SECTIONS.items():
+            obj = cls_(**values[section])
+            sections[section] = obj
+        return cls(**sections)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A new, validated config with ``overrides`` (dotted keys) applied."""
+        flat = self.to_flat()
+        flat.update(overrides)
+        return Config.from_flat(flat)
+
+    def preprocess_key(self) -> str:
+        """A short hash of the keys that change the preprocessed data (names a Parquet variant)."""
+        flat = self.to_flat()
+        payload = json.dumps({k: flat[k] for k in PREPROCESS_KEYS}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested ``{section: {field: value}}``, the YAML layout."""
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def flatten_nested(nested: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """Turn YAML's ``{section: {field: value}}`` into dotted keys, rejecting unknown sections."""
+    flat: dict[str, Any] = {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections {list(SECTIONS)}")
+    for section, body in nested.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown config section in {source}; sections are {list(SECTIONS)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: must be a mapping in {source}")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` override; the value is read as YAML (``true``, ``3``, ``[1, 2]``)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in _FIELD_TYPES:
+        raise ConfigError(f"{key}: unknown config key{_suggest(key)}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if _FIELD_TYPES[key] is str and not isinstance(value, str):
+        value = raw  # "--set registry.alias=2024" stays a string
+    return key, value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (optional) and apply ``key=value`` overrides; validate everything."""
+    import yaml
+
+    flat: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as fh:
+                nested = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        flat.update(flatten_nested(nested, source=path))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        flat[key] = value
+    return Config.from_flat(flat)
