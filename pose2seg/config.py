@@ -75,7 +75,9 @@ class DataConfig:
         _one_of(self.image_encoding, "data.image_encoding", ("png", "jpeg"))
         _check(32 <= self.input_size <= 2048, "data.input_size", "must be in [32, 2048]")
         _check(self.images_per_shard >= 1, "data.images_per_shard", "must be >= 1")
-        _check(0.0 <= self.max_reject_fraction <= 1.0, "data.max_reject_fraction", "must be in [0, 1]")
+        _check(
+            0.0 <= self.max_reject_fraction <= 1.0, "data.max_reject_fraction", "must be in [0, 1]"
+        )
         _check(self.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
         _check(self.synthetic_num_val >= 1, "data.synthetic_num_val", "must be >= 1")
         _check(self.synthetic_image_size >= 64, "data.synthetic_image_size", "must be >= 64")
@@ -125,7 +127,9 @@ class ModelConfig:
         )
         _check(self.num_residual_units >= 1, "model.num_residual_units", "must be >= 1")
         _check(self.seg_channels >= 8, "model.seg_channels", "must be >= 8")
-        _one_of(self.skeleton_features, "model.skeleton_features", ("both", "paf", "heatmaps", "none"))
+        _one_of(
+            self.skeleton_features, "model.skeleton_features", ("both", "paf", "heatmaps", "none")
+        )
         _check(1 <= self.num_templates <= 64, "model.num_templates", "must be in [1, 64]")
         _one_of(self.alignment, "model.alignment", ("pose", "box"))
         _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
@@ -200,7 +204,10 @@ class TuneConfig:
     """The Ray Tune ablation search over dotted keys."""
 
     search_space: dict[str, list] = field(
-        default_factory=lambda: {"model.skeleton_features": ["both", "none"], "model.alignment": ["pose", "box"]}
+        default_factory=lambda: {
+            "model.skeleton_features": ["both", "none"],
+            "model.alignment": ["pose", "box"],
+        }
     )
     """Dotted key -> list of values (grid), e.g. ``{"model.roi_size": [32, 64]}``."""
     num_samples: int = 1
@@ -220,7 +227,9 @@ class TuneConfig:
         _check(isinstance(self.search_space, dict), "tune.search_space", "must be a mapping")
         for key, values in self.search_space.items():
             _check(key in _FIELD_TYPES, f"tune.search_space.{key}", "is not a config key")
-            _check(not key.startswith("tune."), f"tune.search_space.{key}", "cannot search tune.* keys")
+            _check(
+                not key.startswith("tune."), f"tune.search_space.{key}", "cannot search tune.* keys"
+            )
             _check(
                 isinstance(values, list) and len(values) >= 1,
                 f"tune.search_space.{key}",
@@ -362,7 +371,9 @@ def _coerce(key: str, value: Any) -> Any:
                 raise TypeError
             return dict(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}") from None
+        raise ConfigError(
+            f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}"
+        ) from None
     raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover - a bug in this file
 
 
@@ -438,7 +449,9 @@ def flatten_nested(nested: dict[str, Any], *, source: str = "config") -> dict[st
         raise ConfigError(f"{source}: the top level must be a mapping of sections {list(SECTIONS)}")
     for section, body in nested.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown config section in {source}; sections are {list(SECTIONS)}")
+            raise ConfigError(
+                f"{section}: unknown config section in {source}; sections are {list(SECTIONS)}"
+            )
         if body is None:
             continue
         if not isinstance(body, dict):

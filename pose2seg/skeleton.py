@@ -55,7 +55,16 @@ LIMBS: tuple[tuple[int, int], ...] = (
 NUM_LIMBS: int = len(LIMBS)
 
 # Pairs swapped by a horizontal flip.
-FLIP_PAIRS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+FLIP_PAIRS: tuple[tuple[int, int], ...] = (
+    (1, 2),
+    (3, 4),
+    (5, 6),
+    (7, 8),
+    (9, 10),
+    (11, 12),
+    (13, 14),
+    (15, 16),
+)
 
 # Skeleton feature channel layout (see DESIGN.md): 2 part-affinity-field channels per limb
 # (x then y component, limb order as in LIMBS), then one confidence map per keypoint.

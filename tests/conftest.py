@@ -35,7 +35,9 @@ def free_port() -> int:
 def coco_sample_dir() -> Path:
     """The real COCO person sample beside the repo; tests skip with a reason when absent."""
     if not (COCO_SAMPLE / "person_keypoints_sample.json").is_file():
-        pytest.skip(f"real COCO sample not found at {COCO_SAMPLE} (../shared is not beside the repo)")
+        pytest.skip(
+            f"real COCO sample not found at {COCO_SAMPLE} (../shared is not beside the repo)"
+        )
     return COCO_SAMPLE
 
 

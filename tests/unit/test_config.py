@@ -38,7 +38,15 @@ def test_default_yaml_equals_dataclass_defaults():
 
 
 def test_override_types_are_coerced():
-    cfg = load_config(None, ["train.lr=0.01", "train.use_gpu=true", "model.roi_size=32", "eval.occlusion_bins=[0, 0.5, 1]"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=0.01",
+            "train.use_gpu=true",
+            "model.roi_size=32",
+            "eval.occlusion_bins=[0, 0.5, 1]",
+        ],
+    )
     assert cfg.train.lr == 0.01 and cfg.train.use_gpu is True
     assert cfg.model.roi_size == 32
     assert cfg.eval.occlusion_bins == [0.0, 0.5, 1.0]
@@ -80,6 +88,9 @@ def test_tune_search_space_keys_are_checked():
 def test_preprocess_key_tracks_only_data_affecting_keys():
     base = Config()
     assert base.with_overrides({"train.lr": 0.1}).preprocess_key() == base.preprocess_key()
-    assert base.with_overrides({"model.skeleton_features": "none"}).preprocess_key() == base.preprocess_key()
+    assert (
+        base.with_overrides({"model.skeleton_features": "none"}).preprocess_key()
+        == base.preprocess_key()
+    )
     assert base.with_overrides({"model.roi_size": 32}).preprocess_key() != base.preprocess_key()
     assert base.with_overrides({"model.alignment": "box"}).preprocess_key() != base.preprocess_key()

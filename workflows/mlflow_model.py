@@ -1,0 +1,127 @@
+"""The MLflow pyfunc that serves a Pose2Seg checkpoint: image + COCO keypoints in, COCO RLE masks out.
+
+Loaded with ``mlflow.pyfunc.load_model("models:/pose2seg@champion")``. Input: a pandas
+DataFrame with one row per image and the columns
+
+- ``image``: the encoded image file (PNG/JPEG bytes);
+- ``keypoints``: JSON text, a list of people, each 51 numbers (COCO ``keypoints``: x, y, v
+  repeated 17 times) or a 17 x 3 list, in the image's pixel coordinates;
+- ``image_id``: an integer copied into the results.
+
+Output: a DataFrame with one row per person: ``image_id``, ``person_index`` (position in the
+input list), ``score``, ``segmentation`` (JSON text of the COCO RLE ``{"size", "counts"}``).
+``unwrap_python_model().predictor`` gives the underlying :class:`pose2seg.inference.Predictor`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import mlflow.pyfunc
+import numpy as np
+
+INPUT_COLUMNS = ("image", "keypoints", "image_id")
+OUTPUT_COLUMNS = ("image_id", "person_index", "score", "segmentation")
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec("binary", "image"),
+                ColSpec("string", "keypoints"),
+                ColSpec("long", "image_id"),
+            ]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("long", "image_id"),
+                ColSpec("long", "person_index"),
+                ColSpec("double", "score"),
+                ColSpec("string", "segmentation"),
+            ]
+        ),
+    )
+
+
+def parse_keypoints(text: str, *, image_id: int) -> np.ndarray:
+    """JSON people list -> (N, 17, 3) float32; raises ValueError naming the image id."""
+    try:
+        people = json.loads(text) if isinstance(text, str) else text
+        arr = np.asarray(people, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"image_id {image_id}: keypoints are not a JSON list of numbers: {exc}"
+        ) from None
+    if arr.size == 0:
+        return np.zeros((0, 17, 3), np.float32)
+    if arr.ndim == 2 and arr.shape[1] == 51:
+        arr = arr.reshape(-1, 17, 3)
+    if arr.ndim != 3 or arr.shape[1:] != (17, 3):
+        raise ValueError(
+            f"image_id {image_id}: keypoints must be N x 51 or N x 17 x 3 (COCO order), got shape {arr.shape}"
+        )
+    return arr
+
+
+def decode_image(data: bytes, *, image_id: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise ValueError(f"image_id {image_id}: the image bytes cannot be decoded: {exc}") from None
+
+
+class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
+    """Serves a checkpoint folder logged as the ``checkpoint`` artifact."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from pose2seg.checkpoint import load_checkpoint
+        from pose2seg.inference import Predictor
+        from pose2seg.model import build_model
+
+        loaded = load_checkpoint(context.artifacts["checkpoint"])
+        model = build_model(loaded.config.model)
+        model.load_state_dict(loaded.model_state)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config = loaded.config
+        self.predictor = Predictor(
+            model,
+            loaded.templates,
+            loaded.config.model,
+            device=device,
+            input_size=loaded.config.data.input_size,
+        )
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
+        if missing:
+            raise ValueError(
+                f"model input is missing columns {missing}; expected {list(INPUT_COLUMNS)}"
+            )
+        rows = []
+        for record in model_input.itertuples(index=False):
+            image_id = int(record.image_id)
+            pixels = decode_image(record.image, image_id=image_id)
+            keypoints = parse_keypoints(record.keypoints, image_id=image_id)
+            results = self.predictor.predict(pixels, keypoints, image_id=image_id)
+            for index, res in enumerate(results):
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "person_index": index,
+                        "score": float(res["score"]),
+                        "segmentation": json.dumps(res["segmentation"]),
+                    }
+                )
+        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

@@ -1,0 +1,241 @@
+"""MLflow for the workflows: the tracking store, runs, params, metrics, models and the registry.
+
+The default store is a local SQLite database (the model registry needs a database) with
+artifacts in ``./mlartifacts``; on a cluster, ``registry.tracking_uri`` or
+``$MLFLOW_TRACKING_URI`` points at a tracking server. All calls go through an explicit
+``MlflowClient`` so Ray workers, Tune trials and the driver never fight over an "active run".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from pose2seg.config import Config
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+AP_TAG = "val_segm_ap"
+
+# Never logged: anything that looks like a credential (a user may pass one through --set by
+# mistake, and the environment holds them on a cluster).
+_SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    if config.registry.tracking_uri:
+        return config.registry.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+
+
+def client_for(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    # The pyfunc / registry helpers below use the fluent API's global URIs.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # A local store: keep artifacts beside the database, not in whatever cwd a worker has.
+        db_path = uri.split(":///", 1)[-1] if uri.startswith("sqlite:") else uri
+        base = os.path.dirname(os.path.abspath(db_path))
+        artifact_location = os.path.join(base, DEFAULT_ARTIFACTS)
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def param_value(value: Any) -> str:
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def loggable_params(flat: dict[str, Any]) -> dict[str, str]:
+    """Flat config -> MLflow params, with anything credential-like masked."""
+    out = {}
+    for key, value in flat.items():
+        text = param_value(value)
+        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+            text = "***"
+        out[key] = text[:6000]
+    return out
+
+
+@dataclass
+class RunHandle:
+    """Everything a Ray worker needs to log into one MLflow run (plain data, picklable)."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+
+
+def start_run(
+    config: Config,
+    *,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunHandle:
+    """Create a run in the config's experiment and log every flattened config key as a param."""
+    from mlflow.entities import Param
+
+    uri = resolve_tracking_uri(config)
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, config.registry.experiment, uri)
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    params = [Param(k, v) for k, v in loggable_params(config.to_flat()).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return RunHandle(tracking_uri=uri, run_id=run.info.run_id, experiment_id=experiment_id)
+
+
+def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> None:
+    """Log finite numeric metrics at ``step`` (non-finite values are skipped: MLflow rejects NaN)."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key, float(value), now, step)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and math.isfinite(float(value))
+    ]
+    if batch:
+        MlflowClient(tracking_uri=handle.tracking_uri).log_batch(handle.run_id, metrics=batch)
+
+
+def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=handle.tracking_uri).set_terminated(handle.run_id, status=status)
+
+
+def log_artifact_file(handle: RunHandle, path: str, artifact_path: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=handle.tracking_uri).log_artifact(handle.run_id, path, artifact_path)
+
+
+def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "model") -> str:
+    """Log a checkpoint as an MLflow model (pyfunc: image + keypoints -> RLE masks) and the
+    bare network under ``pytorch`` (PyTorch flavour, pickled with the ``pose2seg`` code).
+
+    Returns the pyfunc model URI (``runs:/<id>/<name>``).
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    from pose2seg.checkpoint import load_checkpoint
+    from pose2seg.model import build_model
+    from workflows.mlflow_model import Pose2SegPyfunc, pyfunc_signature
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]
+    loaded = load_checkpoint(checkpoint_dir)
+    client_for(handle.tracking_uri)
+    with mlflow.start_run(run_id=handle.run_id):
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=Pose2SegPyfunc(),
+            artifacts={"checkpoint": checkpoint_dir},
+            code_paths=code_paths,
+            signature=pyfunc_signature(),
+            pip_requirements=_pip_requirements(),
+        )
+        network = build_model(loaded.config.model)
+        network.load_state_dict(loaded.model_state)
+        network.eval()
+        mlflow.pytorch.log_model(
+            network,
+            name="pytorch",
+            serialization_format="pickle",
+            code_paths=[os.path.join(repo, "pose2seg")],
+            pip_requirements=_pip_requirements(),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            import numpy as np
+
+            path = os.path.join(tmp, "templates.npy")
+            np.save(path, loaded.templates)
+            mlflow.log_artifact(path, artifact_path="templates")
+    return info.model_uri
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"torch=={version('torch')}",
+        f"torchvision=={version('torchvision')}",
+        f"numpy=={version('numpy')}",
+        f"pycocotools=={version('pycocotools')}",
+        f"pillow=={version('pillow')}",
+        f"mlflow=={version('mlflow')}",
+    ]
+
+
+@dataclass
+class Registration:
+    """The outcome of :func:`register_if_better`."""
+
+    name: str
+    version: str
+    val_ap: float
+    alias: str
+    alias_moved: bool
+    previous_version: str | None
+    previous_ap: float | None
+
+
+def register_if_better(
+    config: Config, handle: RunHandle, model_uri: str, *, val_ap: float
+) -> Registration:
+    """Register ``model_uri`` as a new version and move the alias to it only if its val AP
+    beats the current holder's (ties keep the holder)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(handle.tracking_uri)
+    name, alias = config.registry.model_name, config.registry.alias
+    mv = mlflow.register_model(
+        model_uri, name, tags={AP_TAG: f"{val_ap:.6f}", "run_id": handle.run_id}
+    )
+    previous_version, previous_ap = None, None
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+        previous_version = holder.version
+        previous_ap = float(holder.tags.get(AP_TAG, "nan"))
+    except MlflowException:
+        holder = None
+    better = holder is None or not math.isfinite(previous_ap) or val_ap > previous_ap
+    if better:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return Registration(
+        name=name,
+        version=str(mv.version),
+        val_ap=val_ap,
+        alias=alias,
+        alias_moved=better,
+        previous_version=previous_version,
+        previous_ap=previous_ap,
+    )
