@@ -1,0 +1,196 @@
+"""Per-person inputs rendered for storage: skeleton features, quantisation, warped mask targets.
+
+Numpy only (no Ray). ``render_skeleton_features`` is the storage twin of
+``pose2seg.ops.render_skeleton_features`` (torch): the same formula of ``docs/ARCHITECTURE.md``
+with the same float32 operation order, so both agree up to float rounding.
+
+Mask warping (:func:`warp_mask`) samples the source mask *bilinearly* at each output pixel
+centre mapped back through the inverse affine, averaging an ``n x n`` grid of sub-pixel samples
+when the warp shrinks the mask by a factor ``f > 1`` (``n = min(ceil(f), 4)``, an area estimate
+that avoids dropping thin parts), and thresholds the result at 0.5. Outside the source mask
+counts as background.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pose2seg.skeleton import LIMBS, NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
+
+QUANT_SCALE: float = 127.0
+"""Stored skeleton value = round(x * QUANT_SCALE) as int8; decoded as value / QUANT_SCALE."""
+MAX_SUPERSAMPLING: int = 4
+
+_LIMB_A = np.array([a for a, _ in LIMBS])
+_LIMB_B = np.array([b for _, b in LIMBS])
+
+
+def render_skeleton_features(
+    kpts_aligned: np.ndarray, *, roi_size: int, sigma_px: float, width_px: float
+) -> np.ndarray:
+    """Part affinity fields and keypoint confidence maps in the aligned frame.
+
+    At pixel centres ``p = (j + 0.5, i + 0.5)``:
+
+    - heatmap k: ``exp(-|p - p_k|^2 / (2 sigma^2))``, ``sigma = sigma_px * S / 64``; zero when
+      keypoint k is not usable (v = 0);
+    - limb (a, b) of ``LIMBS`` with both ends usable and ``|p_b - p_a| > 1e-6``: the unit vector
+      ``d = (p_b - p_a) / |p_b - p_a|`` where ``0 <= (p - p_a).d <= |p_b - p_a|`` and
+      ``|(p - p_a) x d| <= w``, ``w = width_px * S / 64``; zero elsewhere.
+
+    Args:
+        kpts_aligned: ``(N, K, 3)`` keypoints mapped into the aligned frame (pixels), visibility.
+        roi_size: S.
+        sigma_px: ``model.heatmap_sigma_px``, the Gaussian std in pixels at S = 64.
+        width_px: ``model.paf_width_px``, the limb half-width in pixels at S = 64.
+
+    Returns:
+        ``(N, 55, S, S)`` float32: 2 PAF channels per limb (x then y, ``LIMBS`` order), then
+        one confidence map per keypoint.
+    """
+    kpts = np.asarray(kpts_aligned, dtype=np.float32)
+    if kpts.ndim != 3 or kpts.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(f"kpts_aligned must have shape (N, {NUM_KEYPOINTS}, 3), got {kpts.shape}")
+    if roi_size < 1 or sigma_px <= 0 or width_px <= 0:
+        raise ValueError(
+            f"render_skeleton_features: need roi_size >= 1, sigma_px > 0, width_px > 0; got "
+            f"{roi_size}, {sigma_px}, {width_px}"
+        )
+    n, size = len(kpts), int(roi_size)
+    sigma = float(sigma_px) * size / 64.0
+    half_width = float(width_px) * size / 64.0
+    out = np.zeros((n, NUM_SKELETON_CHANNELS, size, size), dtype=np.float32)
+    if n == 0:
+        return out
+    centres = np.arange(size, dtype=np.float32) + np.float32(0.5)
+    px = centres.reshape(1, 1, 1, size)  # column -> x
+    py = centres.reshape(1, 1, size, 1)  # row -> y
+    xy = kpts[..., :2]
+    usable = kpts[..., 2] > 0
+
+    dx = px - xy[..., 0, None, None]  # (N, K, 1, S)
+    dy = py - xy[..., 1, None, None]  # (N, K, S, 1)
+    heat = out[:, 2 * len(LIMBS) :]
+    np.add(dx * dx, dy * dy, out=heat)
+    heat /= np.float32(-2.0 * sigma * sigma)
+    np.exp(heat, out=heat)
+    heat *= usable[..., None, None]
+
+    pa, pb = xy[:, _LIMB_A], xy[:, _LIMB_B]  # (N, L, 2)
+    vec = pb - pa
+    length = np.sqrt(vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1])  # (N, L)
+    valid = usable[:, _LIMB_A] & usable[:, _LIMB_B] & (length > 1e-6)
+    unit = vec / np.maximum(length, np.float32(1e-6))[..., None]
+    ux, uy = unit[..., 0, None, None], unit[..., 1, None, None]  # (N, L, 1, 1)
+    rx = px - pa[..., 0, None, None]  # (N, L, 1, S)
+    ry = py - pa[..., 1, None, None]  # (N, L, S, 1)
+    along = rx * ux + ry * uy  # (N, L, S, S)
+    across = np.abs(rx * uy - ry * ux)
+    on_limb = (along >= 0) & (along <= length[..., None, None]) & (across <= half_width)
+    on_limb &= valid[..., None, None]
+    paf = out[:, : 2 * len(LIMBS)].reshape(n, len(LIMBS), 2, size, size)
+    np.multiply(on_limb, ux, out=paf[:, :, 0])
+    np.multiply(on_limb, uy, out=paf[:, :, 1])
+    return out
+
+
+def quantise(features: np.ndarray) -> np.ndarray:
+    """``round(x * 127)`` clipped to ``[-127, 127]`` as int8 (features lie in ``[-1, 1]``)."""
+    scaled = np.rint(np.asarray(features, dtype=np.float32) * QUANT_SCALE)
+    return np.clip(scaled, -QUANT_SCALE, QUANT_SCALE).astype(np.int8)
+
+
+def dequantise(values: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantise`: ``value / 127`` as float32."""
+    return np.asarray(values, dtype=np.float32) / np.float32(QUANT_SCALE)
+
+
+def _invert_affine(affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (2, 3) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite (2, 3) matrix, got {affine!r}")
+    lin = affine[:, :2]
+    det = float(np.linalg.det(lin))
+    if abs(det) < 1e-12:
+        raise ValueError(f"affine is singular (det {det:.3g}): {affine!r}")
+    inv = np.linalg.inv(lin)
+    return np.concatenate([inv, -inv @ affine[:, 2:]], axis=1)
+
+
+def warp_mask(mask: np.ndarray, affine: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Warp a binary mask with ``affine`` (source -> destination pixels) into ``out_hw``.
+
+    Bilinear sampling at destination pixel centres mapped back through ``affine^-1``
+    (supersampled when the warp shrinks, see the module docstring), thresholded at 0.5.
+
+    Args:
+        mask: ``(H, W)`` bool source mask.
+        affine: ``(2, 3)`` source pixel coordinates -> destination pixel coordinates.
+        out_hw: destination ``(h, w)``.
+
+    Returns:
+        ``(h, w)`` bool.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    inv = _invert_affine(affine)
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    # Source pixels per destination pixel along the longer axis of the inverse map.
+    shrink = float(np.linalg.svd(inv[:, :2], compute_uv=False)[0])
+    sub = int(min(max(math.ceil(shrink - 1e-9), 1), MAX_SUPERSAMPLING))
+    offsets = (np.arange(sub, dtype=np.float64) + 0.5) / sub
+    us = (np.arange(out_w)[:, None] + offsets[None]).reshape(-1)  # (w * sub,)
+    vs = (np.arange(out_h)[:, None] + offsets[None]).reshape(-1)  # (h * sub,)
+    # Index-space source coordinates (pixel centres at integers): x - 0.5.
+    x = inv[0, 0] * us[None, :] + inv[0, 1] * vs[:, None] + inv[0, 2] - 0.5
+    y = inv[1, 0] * us[None, :] + inv[1, 1] * vs[:, None] + inv[1, 2] - 0.5
+    src = np.pad(mask.astype(np.float32), 1)  # a zero border: outside counts as background
+    height, width = src.shape
+    x = np.clip(x + 1.0, 0.0, width - 1.0)
+    y = np.clip(y + 1.0, 0.0, height - 1.0)
+    x0 = np.minimum(np.floor(x).astype(np.int64), width - 2)
+    y0 = np.minimum(np.floor(y).astype(np.int64), height - 2)
+    fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
+    top = src[y0, x0] * (1 - fx) + src[y0, x0 + 1] * fx
+    bottom = src[y0 + 1, x0] * (1 - fx) + src[y0 + 1, x0 + 1] * fx
+    value = top * (1 - fy) + bottom * fy  # (h * sub, w * sub)
+    if sub > 1:
+        value = value.reshape(out_h, sub, out_w, sub).mean(axis=(1, 3))
+    return value >= 0.5
+
+
+def warp_mask_to_aligned(mask: np.ndarray, affine: np.ndarray, roi_size: int) -> np.ndarray:
+    """A person's visible mask warped into their S x S aligned frame.
+
+    Args:
+        mask: ``(H, W)`` bool, in the frame ``affine`` maps from.
+        affine: ``(2, 3)`` that frame -> aligned-frame pixels.
+        roi_size: S.
+
+    Returns:
+        ``(S, S)`` bool.
+    """
+    return warp_mask(mask, affine, (roi_size, roi_size))
+
+
+def pack_targets(targets: np.ndarray) -> bytes:
+    """``np.packbits`` of bool targets ``(N, S, S)`` (row-major, big-endian bit order)."""
+    targets = np.asarray(targets)
+    if targets.ndim != 3 or targets.shape[1] != targets.shape[2]:
+        raise ValueError(f"targets must have shape (N, S, S), got {targets.shape}")
+    return np.packbits(targets.astype(bool).reshape(-1)).tobytes()
+
+
+def unpack_targets(data: bytes, *, num_people: int, roi_size: int) -> np.ndarray:
+    """Inverse of :func:`pack_targets`: ``(N, S, S)`` bool."""
+    count = num_people * roi_size * roi_size
+    packed = np.frombuffer(data, dtype=np.uint8)
+    if len(packed) != (count + 7) // 8:
+        raise ValueError(
+            f"packed targets hold {len(packed)} bytes, expected {(count + 7) // 8} for "
+            f"{num_people} people at S={roi_size}"
+        )
+    return np.unpackbits(packed, count=count).astype(bool).reshape(num_people, roi_size, roi_size)
