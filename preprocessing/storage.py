@@ -1,0 +1,222 @@
+"""Local paths and ``s3://bucket/prefix`` URIs behind one small API.
+
+Everything that reads or writes datasets, Parquet or checkpoints goes through here, so that a
+dataset root can be a local folder or an S3 prefix (AWS or any S3-compatible endpoint). The
+endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (passed to boto3 and to
+pyarrow explicitly, so that older clients that ignore the variables still honour it);
+credentials come from the usual AWS environment / config chain.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+S3_SCHEME = "s3://"
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``s3://`` URIs, false for local paths."""
+    return uri.startswith(S3_SCHEME)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto ``base``; an absolute path or a URI among ``parts`` replaces it.
+
+    ``join("s3://b/data", "images/train")`` is ``"s3://b/data/images/train"``;
+    ``join("data", "/abs/x.json")`` is ``"/abs/x.json"``.
+    """
+    out = base
+    for part in parts:
+        if not part:
+            continue
+        if is_remote(part) or os.path.isabs(part):
+            out = part
+        elif is_remote(out):
+            out = out.rstrip("/") + "/" + part.lstrip("/")
+        else:
+            out = os.path.join(out, part)
+    return out
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; raises ValueError for a URI without bucket."""
+    if not is_remote(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len(S3_SCHEME) :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, or None for AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+_CLIENTS: dict[tuple[str | None, str | None], Any] = {}
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current endpoint and credentials (cached per endpoint/key)."""
+    import boto3
+
+    cache_key = (endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    client = _CLIENTS.get(cache_key)
+    if client is None:
+        client = boto3.client("s3", endpoint_url=cache_key[0])
+        _CLIENTS[cache_key] = client
+    return client
+
+
+def _is_missing(exc: Exception) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of one file; FileNotFoundError naming ``uri`` when it does not exist."""
+    if not is_remote(uri):
+        try:
+            with open(uri, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {uri}") from None
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if _is_missing(exc):
+            raise FileNotFoundError(f"no such object: {uri}") from None
+        raise OSError(f"reading {uri} failed: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``, creating local parent folders as needed."""
+    if not is_remote(uri):
+        parent = os.path.dirname(uri)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(uri, "wb") as fh:
+            fh.write(data)
+        return
+    bucket, key = split_s3(uri)
+    s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def exists(uri: str) -> bool:
+    """True when ``uri`` is an existing file/folder, an S3 object, or an S3 prefix with objects."""
+    if not is_remote(uri):
+        return os.path.exists(uri)
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    client = s3_client()
+    if key and not key.endswith("/"):
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if not _is_missing(exc):
+                raise OSError(f"checking {uri} failed: {exc}") from exc
+    prefix = key.rstrip("/") + "/" if key else ""
+    try:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as exc:
+        if _is_missing(exc):
+            return False
+        raise OSError(f"listing {uri} failed: {exc}") from exc
+    return listed.get("KeyCount", 0) > 0
+
+
+def list_files(uri: str, suffix: str | None = None) -> list[str]:
+    """All files below the folder/prefix ``uri`` (recursive, sorted), as full paths/URIs.
+
+    Only names ending in ``suffix`` when given. A missing local folder raises
+    FileNotFoundError naming it; a missing S3 prefix lists as empty (S3 has no folders).
+    """
+    found: list[str] = []
+    if not is_remote(uri):
+        if not os.path.isdir(uri):
+            raise FileNotFoundError(f"no such folder: {uri}")
+        for dirpath, _, filenames in os.walk(uri):
+            found.extend(os.path.join(dirpath, name) for name in filenames)
+    else:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                found.extend(f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        except ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"no such bucket: {uri}") from None
+            raise OSError(f"listing {uri} failed: {exc}") from exc
+    if suffix:
+        found = [f for f in found if f.endswith(suffix)]
+    return sorted(found)
+
+
+def upload_dir(local_dir: str, uri: str) -> int:
+    """Copy every file below ``local_dir`` to ``uri`` (a local folder or S3 prefix); returns the count."""
+    files = list_files(local_dir)
+    for path in files:
+        rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+        target = join(uri, rel)
+        if is_remote(target):
+            bucket, key = split_s3(target)
+            s3_client().upload_file(path, bucket, key)
+        else:
+            with open(path, "rb") as fh:
+                write_bytes(target, fh.read())
+    return len(files)
+
+
+def download_dir(uri: str, local_dir: str) -> int:
+    """Copy every file below ``uri`` into ``local_dir`` keeping relative paths; returns the count."""
+    files = list_files(uri)
+    if is_remote(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        for file_uri in files:
+            _, file_key = split_s3(file_uri)
+            target = os.path.join(local_dir, *file_key[len(prefix) :].split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            s3_client().download_file(bucket, file_key, target)
+    else:
+        for path in files:
+            target = os.path.join(local_dir, os.path.relpath(path, uri))
+            write_bytes(target, read_bytes(path))
+    return len(files)
+
+
+def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path)`` for ``uri``, for Ray Data's read/write_parquet.
+
+    Local paths give a LocalFileSystem and the absolute path. ``s3://bucket/key`` gives an
+    S3FileSystem (with ``endpoint_override`` and the scheme taken from the endpoint env var when
+    one is set) and ``bucket/key``.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    bucket, key = split_s3(uri)
+    kwargs: dict[str, Any] = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    endpoint = endpoint_url()
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            scheme, host = "https", endpoint
+        kwargs["endpoint_override"] = host.rstrip("/")
+        kwargs["scheme"] = scheme
+    return pafs.S3FileSystem(**kwargs), posixpath.join(bucket, key) if key else bucket
