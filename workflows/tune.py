@@ -1,0 +1,372 @@
+"""Architecture ablations with Ray Tune over the same training loop as train.py.
+
+    python workflows/tune.py                                 # small default search, synthetic data
+    python workflows/tune.py --config configs/X.yaml --set 'tune.search_space={"model.roi_size": [32, 64]}'
+    python workflows/tune.py --config configs/X.yaml --set tune.name=NAME   # resumes NAME if it exists
+
+Each trial is a Ray Train run (``workflows.training.build_trainer``) driven from a Tune trial,
+reported to Tune per epoch (ASHA stops weak trials on val AP), logged as an MLflow child run of
+one parent run. At the end: an ablation table (markdown + CSV) and a plot, logged to MLflow and
+written to ``eval.output_dir``, and the best trial's model registered (alias moved only if it
+beats the holder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pose2seg.config import PREPROCESS_KEYS, Config  # noqa: E402
+from workflows.common import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+
+METRIC = "val_segm_ap"
+
+
+def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
+    return base.with_overrides(overrides)
+
+
+def preprocessing_variants(base: Config) -> list[Config]:
+    """One config per distinct combination of the searched keys that change the Parquet."""
+    space = base.tune.search_space
+    keys = [k for k in space if k in PREPROCESS_KEYS]
+    variants = []
+    for values in itertools.product(*(space[k] for k in keys)):
+        variants.append(base.with_overrides(dict(zip(keys, values, strict=True))))
+    return variants or [base]
+
+
+def trial_driver(params: dict[str, Any]) -> None:
+    """One Tune trial: a whole Ray Train run with the trial's overrides (runs in a Tune actor)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows import tracking
+    from workflows.training import build_trainer, prepare_data
+
+    base = Config.from_flat(params["__base"])
+    overrides = {k: v for k, v in params.items() if not k.startswith("__")}
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{params['__experiment']}-{trial_id}"
+    config = base.with_overrides({**overrides, "train.run_name": run_name})
+    data = prepare_data(config)  # already preprocessed by the driver: this only opens the Parquet
+    handle = tracking.start_run(
+        config,
+        run_name=run_name,
+        parent_run_id=params["__parent_run_id"],
+        tags={
+            "pose2seg.trial_id": trial_id,
+            "pose2seg.overrides": json.dumps(overrides, sort_keys=True),
+        },
+    )
+    trainer = build_trainer(
+        config,
+        data,
+        run_name=run_name,
+        mlflow={
+            "tracking_uri": handle.tracking_uri,
+            "run_id": handle.run_id,
+            "experiment_id": handle.experiment_id,
+        },
+        callbacks=[TuneReportCallback()],
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        tracking.end_run(handle, status="FAILED")
+        raise
+    tracking.end_run(handle)
+
+
+@dataclass
+class TuneOutcome:
+    """What a search produced (printed by main, asserted by tests)."""
+
+    experiment_path: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    report_dir: str
+    registration: Any = None
+    model_uri: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def _storage(config: Config) -> tuple[str, Any]:
+    from workflows.training import _storage_filesystem, _storage_path
+
+    return _storage_path(config.train.storage_path), _storage_filesystem(config.train.storage_path)
+
+
+def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
+    """Run (or resume) the search described by ``config.tune`` on an initialised Ray."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pose2seg.model import build_model, count_parameters
+    from workflows import tracking
+    from workflows.training import new_run_name, prepare_data
+
+    for variant in preprocessing_variants(config):
+        prepare_data(variant)  # preprocess each data variant once, before trials race for it
+
+    name = config.tune.name or new_run_name("pose2seg-tune")
+    storage_path, storage_fs = _storage(config)
+    experiment_path = (
+        os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
+    )
+    parent = tracking.start_run(config, run_name=name, tags={"pose2seg.kind": "tune"})
+    print(f"[pose2seg] tune experiment {name}; MLflow parent run {parent.run_id}", flush=True)
+
+    trainable = tune.with_resources(trial_driver, {"CPU": config.tune.cpus_per_trial_driver})
+    param_space: dict[str, Any] = {
+        key: tune.grid_search(values) for key, values in config.tune.search_space.items()
+    }
+    param_space.update(
+        {"__base": config.to_flat(), "__parent_run_id": parent.run_id, "__experiment": name}
+    )
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+        print(f"[pose2seg] resuming the search at {experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable,
+            resume_errored=False,
+            param_space=param_space,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=config.train.epochs,
+            grace_period=min(config.tune.grace_period, config.train.epochs),
+            reduction_factor=config.tune.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                scheduler=scheduler,
+                num_samples=config.tune.num_samples,
+                max_concurrent_trials=config.tune.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs
+            ),
+        )
+    t0 = time.time()
+    grid = tuner.fit()
+    print(f"[pose2seg] search finished in {time.time() - t0:.0f} s", flush=True)
+
+    rows, errors = [], []
+    for result in grid:
+        overrides = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+        cfg = config.with_overrides(overrides)
+        df = result.metrics_dataframe
+        best_ap = float(df[METRIC].max()) if df is not None and METRIC in df else float("nan")
+        best_idx = (
+            int(df[METRIC].idxmax())
+            if df is not None and METRIC in df and df[METRIC].notna().any()
+            else None
+        )
+        row = {
+            "trial": os.path.basename(result.path),
+            **{k: overrides.get(k) for k in config.tune.search_space},
+            "status": "ERROR" if result.error else "OK",
+            "epochs": int(df["epoch"].max()) if df is not None and "epoch" in df else 0,
+            "val_segm_ap": best_ap,
+            "val_occluded_segm_ap": float(df.loc[best_idx, "val_occluded_segm_ap"])
+            if best_idx is not None
+            else float("nan"),
+            "train_seconds": float(df["epoch_seconds"].sum())
+            if df is not None and "epoch_seconds" in df
+            else float("nan"),
+            "parameters": count_parameters(build_model(cfg.model)),
+            "checkpoint_path": str(df.loc[best_idx, "checkpoint_path"])
+            if best_idx is not None and "checkpoint_path" in df
+            else "",
+        }
+        if result.error:
+            errors.append(
+                f"{row['trial']}: {type(result.error).__name__}: {str(result.error).splitlines()[0][:200]}"
+            )
+        rows.append(row)
+
+    report_dir = os.path.join(config.eval.output_dir, name)
+    write_ablation_report(rows, list(config.tune.search_space), report_dir)
+    for fname in os.listdir(report_dir):
+        tracking.log_artifact_file(parent, os.path.join(report_dir, fname), "ablation")
+    ok = [r for r in rows if r["status"] == "OK" and r["val_segm_ap"] == r["val_segm_ap"]]
+    best = max(ok, key=lambda r: r["val_segm_ap"]) if ok else None
+    outcome = TuneOutcome(
+        experiment_path=experiment_path,
+        parent_run_id=parent.run_id,
+        rows=rows,
+        best=best,
+        report_dir=report_dir,
+        errors=errors,
+    )
+    if best is not None:
+        tracking.log_metrics(parent, {"best_val_segm_ap": best["val_segm_ap"]}, step=0)
+        outcome.model_uri, outcome.registration = _log_best(
+            config, parent, best, storage_fs, register
+        )
+    tracking.end_run(parent)
+    return outcome
+
+
+def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register: bool | None):
+    import ray.train
+
+    from workflows import tracking
+
+    if not best["checkpoint_path"]:
+        return None, None
+    ckpt = ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs)
+    with ckpt.as_directory() as ckpt_dir:
+        model_uri = tracking.log_pose2seg_model(parent, ckpt_dir)
+    registration = None
+    if config.registry.register if register is None else register:
+        registration = tracking.register_if_better(
+            config, parent, model_uri, val_ap=best["val_segm_ap"]
+        )
+    return model_uri, registration
+
+
+def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: str) -> None:
+    """``ablation.csv``, ``ablation.md`` and ``ablation.png`` (AP per option value)."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    columns = [
+        "trial",
+        *keys,
+        "status",
+        "epochs",
+        "val_segm_ap",
+        "val_occluded_segm_ap",
+        "train_seconds",
+        "parameters",
+    ]
+    with open(os.path.join(out_dir, "ablation.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if v != v else f"{v:.4f}" if abs(v) < 10 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in sorted(
+        rows, key=lambda r: -(r["val_segm_ap"] if r["val_segm_ap"] == r["val_segm_ap"] else -1)
+    ):
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    # Per option: the mean AP of the trials that used each value (the paper's ablation view).
+    lines.append("")
+    lines.append("| option | value | trials | mean val AP | mean occluded AP |")
+    lines.append("|---|---|---|---|---|")
+    per_option = []
+    for key in keys:
+        for value in sorted({json.dumps(r.get(key)) for r in rows}):
+            sel = [r for r in rows if json.dumps(r.get(key)) == value and r["status"] == "OK"]
+            aps = [r["val_segm_ap"] for r in sel if r["val_segm_ap"] == r["val_segm_ap"]]
+            occ = [
+                r["val_occluded_segm_ap"]
+                for r in sel
+                if r["val_occluded_segm_ap"] == r["val_occluded_segm_ap"]
+            ]
+            mean_ap = sum(aps) / len(aps) if aps else float("nan")
+            mean_occ = sum(occ) / len(occ) if occ else float("nan")
+            per_option.append((f"{key}={json.loads(value)}", mean_ap, mean_occ))
+            lines.append(
+                f"| {key} | {json.loads(value)} | {len(sel)} | {fmt(mean_ap)} | {fmt(mean_occ)} |"
+            )
+    with open(os.path.join(out_dir, "ablation.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(per_option)), 3.5))
+    labels = [p[0] for p in per_option]
+    xs = range(len(per_option))
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [0 if p[1] != p[1] else p[1] for p in per_option],
+        width=0.4,
+        label="val AP",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [0 if p[2] != p[2] else p[2] for p in per_option],
+        width=0.4,
+        label="occluded AP",
+    )
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("segm AP (mean over trials)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "ablation.png"), dpi=100)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    parser.add_argument("--no-register", action="store_true", help="do not register the best model")
+    return parser
+
+
+def default_search_overrides() -> dict[str, Any]:
+    """The no-argument search: 4 trials of a short schedule, sized for a 2-core machine."""
+    return {
+        "train.epochs": 4,
+        "tune.grace_period": 2,
+        "tune.search_space": {
+            "model.skeleton_features": ["both", "none"],
+            "model.alignment": ["pose", "box"],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if not args.config and not args.overrides:
+        config = config.with_overrides(default_search_overrides())
+    init_ray(args.address)
+    outcome = run_tune(config, register=False if args.no_register else None)
+    print()
+    with open(os.path.join(outcome.report_dir, "ablation.md")) as fh:
+        print(fh.read())
+    for err in outcome.errors:
+        print(f"failed trial: {err}")
+    if outcome.best:
+        print(f"best trial {outcome.best['trial']}: val AP {outcome.best['val_segm_ap']:.4f}")
+    reg = outcome.registration
+    if reg is not None:
+        state = "moved to it" if reg.alias_moved else f"kept on version {reg.previous_version}"
+        print(f"registered {reg.name} version {reg.version}; alias @{reg.alias} {state}")
+    print(f"report: {outcome.report_dir}   MLflow parent run: {outcome.parent_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))
