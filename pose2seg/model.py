@@ -1,0 +1,177 @@
+"""The Pose2Seg network: ResNet-FPN features, Affine-Align, skeleton features, SegModule.
+
+Also the constructor of the torchvision Mask R-CNN baseline (``model.arch = "maskrcnn"``); its
+training and evaluation are wired elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pose2seg.backbone import ResNetFPN, load_backbone_state_dict
+from pose2seg.config import ModelConfig
+from pose2seg.ops import align_features
+from pose2seg.skeleton import NUM_SKELETON_CHANNELS, skeleton_channels
+
+__all__ = ["Pose2Seg", "ResidualUnit", "SegModule", "build_model", "count_parameters"]
+
+
+class ResidualUnit(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut (ResNet's basic block)."""
+
+    def __init__(self, *, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        # Each unit starts as the identity, so a deep stack trains from scratch as a shallow one.
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (P,C,s,s) -> (P,C,s,s)."""
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        return F.relu(x + y, inplace=True)
+
+
+class SegModule(nn.Module):
+    """Pose2Seg's SegModule: 7x7 stride-2 conv, residual units, bilinear x2, one unit, 1x1 conv.
+
+    At S = 64 with 10 units the receptive field is about 50 aligned pixels, enough to see a
+    whole limb (paper, Sec. 3.3).
+    """
+
+    def __init__(self, *, in_channels: int, channels: int, num_residual_units: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.units = nn.Sequential(
+            *(ResidualUnit(channels=channels) for _ in range(num_residual_units))
+        )
+        self.refine = ResidualUnit(channels=channels)
+        self.head = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (P,C_in,S,S) aligned features + skeleton -> logits (P,S,S)."""
+        y = self.units(self.stem(x))
+        y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.head(self.refine(y))[:, 0]
+
+
+class Pose2Seg(nn.Module):
+    """Detection-free instance segmentation from poses (Zhang et al., CVPR 2019)."""
+
+    def __init__(self, *, config: ModelConfig) -> None:
+        super().__init__()
+        if config.arch != "pose2seg":
+            raise ValueError(f"model.arch must be 'pose2seg' for Pose2Seg, got {config.arch!r}")
+        self.config = config
+        self.roi_size = config.roi_size
+        self.backbone = ResNetFPN(depth=config.backbone_depth, fpn_channels=config.fpn_channels)
+        if config.pretrained_backbone:
+            load_backbone_state_dict(self.backbone, config.pretrained_backbone)
+        channels = skeleton_channels(config.skeleton_features)
+        self.uses_all_skeleton_channels = len(channels) == NUM_SKELETON_CHANNELS
+        # A buffer so the index follows the model to its device.
+        self.register_buffer(
+            "skeleton_index", torch.tensor(channels, dtype=torch.long), persistent=False
+        )
+        self.seg = SegModule(
+            in_channels=config.fpn_channels + len(channels),
+            channels=config.seg_channels,
+            num_residual_units=config.num_residual_units,
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        batch_index: torch.Tensor,
+        affines: torch.Tensor,
+        skeleton: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mask logits of every person in the aligned frame.
+
+        Args:
+            images: (B,3,H,W) normalised images in the padded input frame.
+            batch_index: (P,) long, the image of each person.
+            affines: (P,2,3) input frame -> aligned frame.
+            skeleton: (P,55,S,S) all skeleton channels (the model picks those of
+                ``model.skeleton_features``); may be None only when that is ``none``.
+
+        Returns:
+            logits: (P,S,S). P = 0 gives (0,S,S), still connected to every parameter.
+        """
+        size = self.roi_size
+        features = self.backbone(images)
+        aligned = align_features(
+            features, batch_index, affines, roi_size=size, stride=self.backbone.stride
+        )
+        if self.skeleton_index.numel() > 0:
+            if skeleton is None:
+                raise ValueError(
+                    f"skeleton is None but model.skeleton_features={self.config.skeleton_features!r} "
+                    "needs the (P, 55, S, S) skeleton features"
+                )
+            expected = (affines.shape[0], NUM_SKELETON_CHANNELS, size, size)
+            if tuple(skeleton.shape) != expected:
+                raise ValueError(
+                    f"skeleton must have shape {expected} (P, 55, S, S), got {tuple(skeleton.shape)}"
+                )
+            picked = (
+                skeleton if self.uses_all_skeleton_channels else skeleton[:, self.skeleton_index]
+            )
+            aligned = torch.cat([aligned, picked.to(aligned.dtype)], dim=1)
+        return self.seg(aligned)
+
+
+def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
+    """The network of ``model.arch``: :class:`Pose2Seg`, or the torchvision Mask R-CNN baseline.
+
+    Args:
+        config: the model section.
+        input_size: Mask R-CNN only: its internal resize (min and max side) is set to this so it
+            sees images at the same resolution as Pose2Seg; None keeps torchvision's 800/1333.
+    """
+    if config.arch == "pose2seg":
+        return Pose2Seg(config=config)
+    if config.arch == "maskrcnn":
+        return _build_maskrcnn(config, input_size=input_size)
+    raise ValueError(f"model.arch must be one of ['pose2seg', 'maskrcnn'], got {config.arch!r}")
+
+
+def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module:
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    # From scratch: trainable BatchNorm everywhere (torchvision freezes it only for pretrained
+    # weights), all layers trainable, two classes (background, person).
+    backbone = resnet_fpn_backbone(
+        backbone_name=f"resnet{config.backbone_depth}",
+        weights=None,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=5,
+    )
+    if config.pretrained_backbone:
+        _load_maskrcnn_backbone(backbone, config.pretrained_backbone, depth=config.backbone_depth)
+    sizes = {} if input_size is None else {"min_size": input_size, "max_size": input_size}
+    return MaskRCNN(backbone, num_classes=2, **sizes)
+
+
+def _load_maskrcnn_backbone(backbone: nn.Module, path: str, *, depth: int) -> None:
+    # Reuse the checks of the Pose2Seg backbone, then copy the (identically named) ResNet weights.
+    resnet = ResNetFPN(depth=depth, fpn_channels=8)
+    load_backbone_state_dict(resnet, path)
+    names = set(resnet.resnet_parameters_names())
+    state = {k: v for k, v in resnet.state_dict().items() if k in names}
+    backbone.body.load_state_dict(state, strict=False)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
