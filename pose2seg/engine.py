@@ -1,0 +1,200 @@
+"""Pure torch step functions of training and evaluation (no Ray, no MLflow).
+
+The Ray Train loop in ``workflows/training.py`` owns data loading, DDP, checkpoints and
+reporting; it calls these for the maths of one step so they can be tested on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pose2seg.batch import PersonBatch
+from pose2seg.config import TrainConfig
+from pose2seg.loss import check_finite, mask_loss
+
+__all__ = [
+    "build_lr_schedule",
+    "build_optimizer",
+    "evaluate_batches",
+    "lr_factor",
+    "predict_batch_logits",
+    "train_step",
+]
+
+# Cosine decays to this fraction of the peak lr; warm-up starts at WARMUP_START of it.
+COSINE_FLOOR: float = 0.01
+WARMUP_START: float = 0.1
+
+
+def _forward(model: nn.Module, batch: PersonBatch) -> torch.Tensor:
+    return model(batch.images, batch.batch_index, batch.affines, batch.skeleton)
+
+
+def train_step(
+    model: nn.Module,
+    batch: PersonBatch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    grad_clip_norm: float,
+    step: int,
+) -> dict[str, float | int]:
+    """One optimisation step on ``batch`` (already on the model's device; model in train mode).
+
+    Args:
+        model: a Pose2Seg (or a DDP wrapper of one).
+        batch: a batch with targets.
+        optimizer: its optimizer; the lr schedule is stepped by the caller.
+        scaler: a GradScaler for fp16 autocast; None for fp32 or bf16.
+        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` to autocast the forward pass, or
+            None for fp32.
+        grad_clip_norm: clip the global gradient norm to this (0 disables).
+        step: global step number, named in the error when the loss is not finite.
+
+    Returns:
+        ``{"loss": float, "num_people": int, "grad_norm": float}`` (grad_norm is NaN when
+        clipping is disabled).
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite (before any parameter is updated).
+    """
+    if batch.targets is None:
+        raise ValueError(f"train_step: batch at step {step} has no targets")
+    device_type = batch.images.device.type
+    with torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        logits = _forward(model, batch)
+    loss = mask_loss(logits.float(), batch.targets)
+    check_finite(loss, step=step)
+    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float("nan")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip_norm > 0:
+            # Clip the true gradients, not the scaled ones.
+            scaler.unscale_(optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip_norm > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
+        optimizer.step()
+    return {"loss": float(loss.detach()), "num_people": batch.num_people, "grad_norm": grad_norm}
+
+
+def predict_batch_logits(model: nn.Module, batch: PersonBatch) -> torch.Tensor:
+    """Logits (P,S,S) of ``batch`` in eval mode under ``no_grad``; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _forward(model, batch)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_batches(
+    model: nn.Module, batches: Iterable[PersonBatch], *, threshold: float = 0.5
+) -> dict[str, float | int]:
+    """Mean loss and aligned-frame mask IoU over batches with targets (eval mode, no_grad).
+
+    Returns:
+        ``{"loss": mean per-pixel BCE, "mask_iou": mean per-person IoU, "num_people": P total}``;
+        loss and IoU are 0.0 when there was nobody.
+    """
+    device = next(model.parameters()).device
+    total_loss = total_iou = 0.0
+    pixels = people = 0
+    for batch in batches:
+        if batch.targets is None:
+            raise ValueError("evaluate_batches: a batch has no targets")
+        batch = batch.to(device)
+        logits = predict_batch_logits(model, batch).float()
+        if batch.num_people == 0:
+            continue
+        total_loss += float(mask_loss(logits, batch.targets)) * logits.numel()
+        pixels += logits.numel()
+        predicted = logits > math.log(threshold / (1.0 - threshold))
+        truth = batch.targets > 0.5
+        inter = (predicted & truth).flatten(1).sum(1).float()
+        union = (predicted | truth).flatten(1).sum(1).float()
+        # Both empty counts as a perfect match.
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        total_iou += float(iou.sum())
+        people += batch.num_people
+    return {
+        "loss": total_loss / pixels if pixels else 0.0,
+        "mask_iou": total_iou / people if people else 0.0,
+        "num_people": people,
+    }
+
+
+def build_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (``train.optimizer``) with ``train.lr`` / ``train.weight_decay``.
+
+    Biases and normalisation parameters (1-D tensors) get no weight decay: decaying BatchNorm
+    scales towards 0 only fights the normalisation.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train_config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if train_config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train_config.lr)
+    if train_config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=train_config.lr, momentum=train_config.momentum, nesterov=True
+        )
+    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {train_config.optimizer!r}")
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based).
+
+    Linear warm-up from ``WARMUP_START`` to 1 over ``warmup_steps``, then ``cosine`` (to
+    ``COSINE_FLOOR`` at ``total_steps``), ``step`` (x0.1 at 2/3 and again at 8/9 of
+    ``total_steps``) or ``constant``.
+    """
+    if step < warmup_steps:
+        return WARMUP_START + (1.0 - WARMUP_START) * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        if step >= total_steps * 8 / 9:
+            return 0.01
+        if step >= total_steps * 2 / 3:
+            return 0.1
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"train.schedule must be one of cosine/step/constant, got {schedule!r}")
+
+
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, train_config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR of :func:`lr_factor`; call ``.step()`` after each optimizer step."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup, schedule = train_config.warmup_steps, train_config.schedule
+    lr_factor(warmup, warmup_steps=warmup, total_steps=total_steps, schedule=schedule)  # validates
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step, warmup_steps=warmup, total_steps=total_steps, schedule=schedule
+        ),
+    )
