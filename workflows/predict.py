@@ -1,0 +1,155 @@
+"""Predict person masks for images and their poses: COCO results JSON and overlay PNGs.
+
+    python workflows/predict.py --model models:/pose2seg@champion \\
+        --images path/or/s3://bucket/images --keypoints keypoints.json --out outputs/predict
+
+``--keypoints`` is either a COCO annotation file (``images`` + ``annotations`` with keypoints;
+file names come from ``images``) or a COCO keypoint-results list (``image_id``, ``keypoints``);
+for a results list, each image is found in ``--images`` as the file whose stem is its id
+(``000000000785.jpg`` or ``785.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+from pose2seg.config import Config  # noqa: E402
+from workflows.common import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _items_from_keypoints(doc: Any, images_uri: str, *, source: str):
+    from preprocessing.storage import join, list_files
+    from workflows.evaluate import gt_keypoints, results_keypoints
+    from workflows.inference import InferenceItem
+
+    if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
+        kps = gt_keypoints(doc)
+        return [
+            InferenceItem(
+                image_id=int(im["id"]),
+                uri=join(images_uri, im["file_name"]),
+                keypoints=kps[int(im["id"])],
+            )
+            for im in doc["images"]
+        ], doc["images"]
+    if not isinstance(doc, list):
+        raise ValueError(f"{source}: expected a COCO annotation file or a keypoint-results list")
+    files = {}
+    for path in list_files(images_uri):
+        stem, ext = os.path.splitext(os.path.basename(path))
+        if ext.lower() in IMAGE_SUFFIXES and stem.isdigit():
+            files[int(stem)] = path
+    ids = sorted({r.get("image_id") for r in doc if isinstance(r, dict)}, key=str)
+    missing = [i for i in ids if i not in files]
+    if missing:
+        raise FileNotFoundError(
+            f"{source}: no image file in {images_uri} for image_id(s) {missing[:10]}"
+        )
+    pseudo_gt = {"images": [{"id": i} for i in ids]}
+    kps = results_keypoints(doc, pseudo_gt, source=source)
+    images = [{"id": i, "file_name": os.path.basename(files[i])} for i in ids]
+    return [InferenceItem(image_id=i, uri=files[i], keypoints=kps[i]) for i in ids], images
+
+
+def run_predict(
+    config: Config,
+    *,
+    model_ref: str,
+    images_uri: str,
+    keypoints_uri: str,
+    out_dir: str,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+) -> dict[str, Any]:
+    """Predict, write ``results.json`` and overlays; returns a summary dict."""
+    from preprocessing.storage import read_bytes
+    from workflows.evaluate import write_overlays
+    from workflows.inference import run_batch_inference
+
+    try:
+        doc = json.loads(read_bytes(keypoints_uri))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{keypoints_uri}: not valid JSON: {exc}") from None
+    items, images = _items_from_keypoints(doc, images_uri, source=keypoints_uri)
+    results, stats = run_batch_inference(
+        items, model_ref=model_ref, config=config, num_actors=num_actors, use_gpu=use_gpu
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, "results.json")
+    with open(results_path, "w") as fh:
+        json.dump(results, fh)
+    kps = {it.image_id: it.keypoints for it in items}
+    overlays = write_overlays(
+        {"images": images}, results, kps, images_uri, out_dir, limit=config.eval.num_overlays
+    )
+    return {
+        "results_path": results_path,
+        "overlays": overlays,
+        "num_results": len(results),
+        **stats,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="models:/NAME@ALIAS (default: the config's), runs:/..., or a checkpoint folder",
+    )
+    parser.add_argument("--images", required=True, help="folder of images, local or s3://")
+    parser.add_argument(
+        "--keypoints",
+        required=True,
+        help="COCO annotation file or keypoint-results JSON, local or s3://",
+    )
+    parser.add_argument(
+        "--out", default="outputs/predict", help="output folder for results.json and overlays/"
+    )
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    model_ref = args.model or f"models:/{config.registry.model_name}@{config.registry.alias}"
+    init_ray(args.address)
+    from workflows.tracking import client_for, resolve_tracking_uri
+
+    client_for(resolve_tracking_uri(config))
+    summary = run_predict(
+        config,
+        model_ref=model_ref,
+        images_uri=args.images,
+        keypoints_uri=args.keypoints,
+        out_dir=args.out,
+        num_actors=args.actors,
+        use_gpu=args.gpu,
+    )
+    print(
+        f"{summary['num_results']} people segmented in {summary['images']} images "
+        f"({summary['images_per_s']:.1f} images/s, {summary['people_per_s']:.1f} people/s)"
+    )
+    print(
+        f"results: {summary['results_path']}   overlays: {len(summary['overlays'])} in {os.path.join(args.out, 'overlays')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))
