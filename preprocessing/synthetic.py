@@ -26,7 +26,7 @@ person drawn in the image (dropped people included, they are still in the pictur
 ``max_mask_iou`` is the same with full-body masks instead of boxes.
 
 The val split is made harder on purpose: every image has at least two people (when
-``max_people >= 2``) and it uses the overlap ``0.5 + 0.5 * overlap``, so that a large share of
+``max_people >= 2``) and it uses the overlap ``0.7 + 0.3 * overlap``, so that a large share of
 its people is heavily occluded (``max_iou >= 0.5``), as in OCHuman (mean MaxIoU 0.67).
 """
 
@@ -51,7 +51,7 @@ from preprocessing import storage
 if TYPE_CHECKING:
     from pose2seg.config import Config
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the generator's output changes; part of ``synthetic_meta.json``."""
 SPLITS: tuple[str, ...] = ("train", "val")
 SEGMENTATION_FORMATS: tuple[str, ...] = ("polygon", "rle", "mixed")
@@ -667,7 +667,7 @@ def coco_categories() -> list[dict[str, Any]]:
 
 def split_overlap(split: str, overlap: float) -> float:
     """The overlap a split is generated with: val is pushed towards heavy occlusion."""
-    return overlap if split == "train" else 0.5 + 0.5 * overlap
+    return overlap if split == "train" else 0.7 + 0.3 * overlap
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
