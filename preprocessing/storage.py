@@ -153,7 +153,9 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
         paginator = s3_client().get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                found.extend(f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+                found.extend(
+                    f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                )
         except ClientError as exc:
             if _is_missing(exc):
                 raise FileNotFoundError(f"no such bucket: {uri}") from None
