@@ -49,8 +49,9 @@ class DataConfig:
     """Folder of validation images."""
     processed: str = "data/processed"
     """Root of the preprocessed Parquet (local or s3://); a variant folder per preprocessing key."""
-    input_size: int = 256
-    """Images are resized so their longer side is this many pixels and padded to a square."""
+    input_size: int = 160
+    """Images are resized so their longer side is this many pixels and padded to a square
+    (the CPU default trades resolution for speed; COCO runs use 512)."""
     image_encoding: str = "png"
     """How images are stored in Parquet: ``png`` (lossless) or ``jpeg``."""
     images_per_shard: int = 32
@@ -97,12 +98,12 @@ class ModelConfig:
     """Channels of the FPN outputs (paper: 256)."""
     pretrained_backbone: str = ""
     """Optional local path to a torchvision ResNet state dict; nothing is ever downloaded."""
-    roi_size: int = 64
-    """S: side of the aligned RoI in pixels (paper: 64)."""
+    roi_size: int = 48
+    """S: side of the aligned RoI in pixels (paper: 64; the CPU default uses 48)."""
     num_residual_units: int = 10
     """Residual units of the SegModule before upsampling (paper: 10)."""
-    seg_channels: int = 64
-    """Width of the SegModule."""
+    seg_channels: int = 32
+    """Width of the SegModule (the CPU default is narrow for speed)."""
     skeleton_features: str = "both"
     """Skeleton features concatenated to the aligned features: both, paf, heatmaps or none."""
     num_templates: int = 3

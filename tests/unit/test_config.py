@@ -20,7 +20,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 def test_defaults_round_trip_through_flat_keys():
     cfg = Config()
     flat = cfg.to_flat()
-    assert flat["model.roi_size"] == 64
+    assert flat["model.roi_size"] == 48
     assert Config.from_flat(flat) == cfg
     assert all(key in flat for key in PREPROCESS_KEYS)
 
