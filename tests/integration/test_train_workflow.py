@@ -1,0 +1,148 @@
+"""train.py end to end on a real local Ray (2 workers), a real SQLite MLflow store and registry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pose2seg.config import Config
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(tmp_path, **extra) -> Config:
+    """A model and dataset small enough for a 2-core CI machine, every part still real."""
+    overrides = {
+        "data.root": str(tmp_path / "synthetic"),
+        "data.processed": str(tmp_path / "processed"),
+        "data.input_size": 96,
+        "data.images_per_shard": 8,
+        "data.synthetic_num_train": 16,
+        "data.synthetic_num_val": 8,
+        "data.synthetic_image_size": 96,
+        "data.synthetic_max_people": 3,
+        "model.backbone_depth": 18,
+        "model.fpn_channels": 16,
+        "model.roi_size": 16,
+        "model.num_residual_units": 1,
+        "model.seg_channels": 8,
+        "model.num_templates": 2,
+        "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.warmup_steps": 2,
+        "train.storage_path": str(tmp_path / "runs"),
+        "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "registry.model_name": "pose2seg-test",
+        "eval.batch_size": 4,
+    }
+    overrides.update(extra)
+    return Config().with_overrides(overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """One tiny training run, shared by the tests that inspect what it produced."""
+    from workflows.training import run_training
+
+    tmp_path = tmp_path_factory.mktemp("train")
+    config = tiny_config(tmp_path)
+    outcome = run_training(config)
+    return config, outcome
+
+
+def test_run_reports_every_epoch_and_a_real_ap(trained):
+    config, outcome = trained
+    assert outcome.metrics["epoch"] == config.train.epochs
+    assert len(outcome.history) == config.train.epochs
+    ap = outcome.metrics["val_segm_ap"]
+    assert 0.0 <= ap <= 1.0
+    assert outcome.metrics["val_num_images"] == config.data.synthetic_num_val
+    assert np.isfinite(outcome.history[-1]["train_loss"])
+
+
+def test_mlflow_run_has_params_metrics_and_model(trained):
+    from mlflow import MlflowClient
+
+    config, outcome = trained
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.roi_size"] == "16"
+    assert run.data.params["train.epochs"] == "2"
+    assert set(config.to_flat()) <= set(run.data.params)
+    history = client.get_metric_history(outcome.mlflow_run_id, "val_segm_ap")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert client.get_metric_history(outcome.mlflow_run_id, "train_loss")
+
+
+def test_registered_model_loads_by_alias_and_predicts(trained, coco_sample_dir):
+    import mlflow
+    import pandas as pd
+    from pycocotools import mask as mask_utils
+
+    config, outcome = trained
+    reg = outcome.registration
+    assert reg is not None and reg.alias_moved and reg.version == "1"
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}@{config.registry.alias}")
+    gt = json.loads((coco_sample_dir / "person_keypoints_sample.json").read_text())
+    image = gt["images"][0]
+    people = [a["keypoints"] for a in gt["annotations"] if a["image_id"] == image["id"] and a["num_keypoints"] > 0]
+    frame = pd.DataFrame(
+        {
+            "image": [(coco_sample_dir / image["file_name"]).read_bytes()],
+            "keypoints": [json.dumps(people)],
+            "image_id": [image["id"]],
+        }
+    )
+    out = model.predict(frame)
+    assert list(out.columns) == ["image_id", "person_index", "score", "segmentation"]
+    assert len(out) == len(people)
+    rle = json.loads(out.iloc[0]["segmentation"])
+    assert rle["size"] == [image["height"], image["width"]]
+    assert mask_utils.decode(rle).shape == (image["height"], image["width"])
+
+
+def test_alias_moves_only_for_a_better_model(trained):
+    from mlflow import MlflowClient
+
+    from workflows.tracking import RunHandle, register_if_better
+
+    config, outcome = trained
+    handle = RunHandle(tracking_uri=config.registry.tracking_uri, run_id=outcome.mlflow_run_id, experiment_id="")
+    holder_ap = outcome.registration.val_ap
+    worse = register_if_better(config, handle, outcome.model_uri, val_ap=holder_ap - 0.1)
+    assert not worse.alias_moved and worse.previous_version == "1"
+    better = register_if_better(config, handle, outcome.model_uri, val_ap=holder_ap + 0.1)
+    assert better.alias_moved
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    assert client.get_model_version_by_alias(config.registry.model_name, "champion").version == better.version
+
+
+def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
+    from workflows.training import run_training
+
+    config = tiny_config(tmp_path, **{"train.epochs": 3, "registry.register": False})
+    marker = tmp_path / "failed-once"
+    outcome = run_training(config, test_hooks={"fail_once_marker": str(marker), "fail_once_at_epoch": 2})
+    assert marker.exists(), "the injected failure did not happen"
+    assert outcome.metrics["epoch"] == 3
+    # The restarted worker loaded the epoch-2 checkpoint: the history holds each epoch once.
+    assert [int(h["epoch"]) for h in outcome.history] == [1, 2, 3]
+    assert outcome.registration is None
+
+
+def test_resume_continues_a_finished_run_without_retraining(ray_session, tmp_path):
+    from workflows.training import run_training
+
+    config = tiny_config(tmp_path, **{"train.epochs": 1, "registry.register": False})
+    first = run_training(config)
+    more = config.with_overrides({"train.epochs": 2})
+    second = run_training(more, resume=first.run_name)
+    assert [int(h["epoch"]) for h in second.history] == [1, 2]
+    # Epoch 1 came from the checkpoint: its loss is the first run's, bit for bit.
+    assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
