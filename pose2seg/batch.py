@@ -88,8 +88,8 @@ def collate(rows: list[dict], *, input_size: int, roi_size: int | None = None) -
             (N,55,S,S) int8 (x = q/127) or float, ``targets`` (N,S,S) bool or None,
             ``person_ids`` (N,), optional ``keypoints`` (N,K,3). N may be 0.
         input_size: side of the padded square input frame.
-        roi_size: S, needed only to shape the empty arrays of a batch whose rows have no people
-            and carry shapeless empty arrays; otherwise read from the skeleton arrays.
+        roi_size: S, only used to shape the empty arrays of a batch without any person (else
+            read from the skeleton arrays); without it such a batch gets S = 0 empties.
 
     Returns:
         The batch; ``targets`` is None when the rows carry none (prediction).
@@ -159,9 +159,9 @@ def collate(rows: list[dict], *, input_size: int, roi_size: int | None = None) -
             keypoints.append(
                 np.asarray(row["keypoints"], dtype=np.float32).reshape(n, NUM_KEYPOINTS, 3)
             )
-    if roi_size is None:
-        raise ValueError("collate: no person in the batch to read S from; pass roi_size")
-    size = int(roi_size)
+    # A batch without any person and no roi_size gets S = 0: its (0,55,0,0) / (0,0,0) empties are
+    # accepted by the model and the loss, so such batches need no special casing upstream.
+    size = int(roi_size) if roi_size is not None else 0
     empty_skeleton = np.zeros((0, NUM_SKELETON_CHANNELS, size, size), dtype=np.float32)
     skeletons.append(empty_skeleton)
     affines.append(np.zeros((0, 2, 3), dtype=np.float32))

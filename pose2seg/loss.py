@@ -23,13 +23,14 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
+    if logits.shape[0] == 0 and targets.shape[0] == 0:
+        # The mean over no pixels is NaN; the sum over none is an exact, differentiable zero.
+        # (Targets of a batch without people may be shapeless empties.)
+        return logits.float().sum() * 0.0
     if tuple(targets.shape) != tuple(logits.shape):
         raise ValueError(
             f"targets must have the shape of logits {tuple(logits.shape)} (P, S, S), got {tuple(targets.shape)}"
         )
-    if logits.shape[0] == 0:
-        # The mean over no pixels is NaN; the sum over none is an exact, differentiable zero.
-        return logits.float().sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits.float(), targets.to(torch.float32))
 
 

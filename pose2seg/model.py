@@ -119,6 +119,9 @@ class Pose2Seg(nn.Module):
                     "needs the (P, 55, S, S) skeleton features"
                 )
             expected = (affines.shape[0], NUM_SKELETON_CHANNELS, size, size)
+            if affines.shape[0] == 0 and skeleton.shape[0] == 0:
+                # Batches without people may carry shapeless empties (S unknown to the decoder).
+                skeleton = aligned.new_zeros(expected)
             if tuple(skeleton.shape) != expected:
                 raise ValueError(
                     f"skeleton must have shape {expected} (P, 55, S, S), got {tuple(skeleton.shape)}"

@@ -220,7 +220,12 @@ def test_collate_errors_and_empty_batches():
         collate(rows, input_size=INPUT)
     empty = decoded_row(5, 0)
     empty["skeleton"] = np.zeros(0, np.int8)
-    with pytest.raises(ValueError, match="pass roi_size"):
-        collate([empty], input_size=INPUT)
     batch = collate([empty], input_size=INPUT, roi_size=32)
     assert batch.num_people == 0 and batch.skeleton.shape == (0, 55, 32, 32)
+    # Without roi_size a batch of people-less images still trains: empties of S = 0.
+    batch = collate([empty, empty], input_size=INPUT)
+    assert batch.num_people == 0 and batch.targets is not None
+    model = Pose2Seg(config=SMALL)
+    logits = model(batch.images, batch.batch_index, batch.affines, batch.skeleton)
+    assert logits.shape == (0, 32, 32)
+    assert float(mask_loss(logits, batch.targets).detach()) == 0.0
