@@ -1,0 +1,831 @@
+"""The Ray Data preprocessing pipeline: raw COCO-format dataset -> Parquet variant (the only Ray
+code of ``preprocessing``).
+
+For a :class:`~pose2seg.config.Config` the variant lives at
+``<data.processed>/<config.preprocess_key()>/`` (local or ``s3://``)::
+
+    templates.npy          (T, K, 2) float32 pose templates, fitted once on the train split
+    train/*.parquet        one row per image, columns of preprocessing.schema.SCHEMA
+    val/*.parquet
+    rejects/<split>-<shard>.parquet   rejected people/images, preprocessing.schema.REJECTS_SCHEMA
+    meta.json              counts, bytes per person, channel layout, the config; written LAST
+
+``meta.json`` marks a complete variant: a re-run finds it and skips the work unless ``force``.
+Re-running is idempotent: the Parquet of a split is written with ``mode="overwrite"`` and each
+shard's rejects file has a deterministic name (a retried task rewrites the same file).
+
+Work split: the driver fits the templates from the train JSON (keypoints only, no pixels) and
+cuts each split's image ids into shards of ``data.images_per_shard``; each shard is one Ray Data
+task that reads its images (``preprocessing.coco.CocoPersonDataset``), resizes them into the
+input frame, assigns templates, renders skeleton features, warps targets and returns Arrow rows;
+``write_parquet`` writes them in the same task. The task writes its rejects file itself (a
+second output of the same pass, so no image is read twice). The summary is then computed from
+what is stored (Parquet footers and small columns), so it also checks the variant is complete.
+
+People with no usable keypoint cannot be aligned: they are rejected with reason
+``no_keypoints`` (expected, not counted against ``data.max_reject_fraction``) and become
+ignore regions of their image, like crowds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pose2seg.config import Config
+from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
+from pose2seg.templates import apply_affine, assign_templates, fit_pose_templates
+from preprocessing import schema
+from preprocessing.features import quantise, render_skeleton_features, warp_mask_to_aligned
+from preprocessing.storage import (
+    exists,
+    is_remote,
+    join,
+    pyarrow_filesystem,
+    read_bytes,
+    write_bytes,
+)
+
+SPLITS: tuple[str, ...] = ("train", "val")
+TEMPLATES_FILE = "templates.npy"
+META_FILE = "meta.json"
+REJECTS_DIR = "rejects"
+TEMPLATE_SEED = 0
+"""k-means seed of the templates: a constant, so the templates are a function of the variant key."""
+EXPECTED_REJECT_REASONS: frozenset[str] = frozenset({schema.REASON_NO_KEYPOINTS})
+"""Reasons that do not count against ``data.max_reject_fraction``."""
+REASON_PROCESSING_ERROR = "processing_error"
+REASON_BAD_IMAGE_SIZE = "bad_image_size"
+PARQUET_COMPRESSION = "zstd"
+# Variables forwarded to the Ray tasks so that workers started before they were set (or on
+# other nodes) reach the same S3 endpoint with the same credentials as the driver.
+_FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+class PreprocessError(RuntimeError):
+    """Preprocessing failed: too many rejected records, or an incomplete/duplicated output."""
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute on the driver (Ray workers may run in another directory)."""
+    return uri if is_remote(uri) else os.path.abspath(uri)
+
+
+def variant_dir(config: Config) -> str:
+    """``<data.processed>/<preprocess_key>``: the folder/prefix of this config's variant."""
+    return _absolute(join(config.data.processed, config.preprocess_key()))
+
+
+def processed_dir(config: Config, split: str) -> str:
+    """The Parquet folder/prefix of one split of this config's variant."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return join(variant_dir(config), split)
+
+
+def raw_paths(config: Config, split: str) -> tuple[str, str]:
+    """``(annotations_uri, images_uri)`` of a raw split (``data.<split>_annotations/_images``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    annotations = getattr(config.data, f"{split}_annotations")
+    images = getattr(config.data, f"{split}_images")
+    root = config.data.root
+    return _absolute(join(root, annotations)), _absolute(join(root, images))
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image processing (pure: no I/O, no Ray)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a shard task needs from the config (small and picklable)."""
+
+    split: str
+    input_size: int
+    roi_size: int
+    alignment: str
+    heatmap_sigma_px: float
+    paf_width_px: float
+    image_encoding: str
+
+    @classmethod
+    def from_config(cls, config: Config, split: str) -> ShardSettings:
+        return cls(
+            split=split,
+            input_size=config.data.input_size,
+            roi_size=config.model.roi_size,
+            alignment=config.model.alignment,
+            heatmap_sigma_px=config.model.heatmap_sigma_px,
+            paf_width_px=config.model.paf_width_px,
+            image_encoding=config.data.image_encoding,
+        )
+
+
+def _reject(
+    split: str, record: Any, annotation_id: int | None, reason: str, detail: str
+) -> dict[str, Any]:
+    return {
+        schema.REJECT_SPLIT: split,
+        schema.REJECT_IMAGE_ID: int(record.image_id),
+        schema.REJECT_ANNOTATION_ID: annotation_id,
+        schema.REJECT_FILE_NAME: str(record.file_name),
+        schema.REJECT_REASON: reason,
+        schema.REJECT_DETAIL: detail,
+    }
+
+
+def _rle_counts(mask: np.ndarray) -> str:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return rle["counts"].decode("ascii")
+
+
+def resize_image(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, bilinear with anti-aliasing (PIL)."""
+    from PIL import Image
+
+    h, w = out_hw
+    if pixels.shape[:2] == (h, w):
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    pil = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, out_hw: tuple[int, int], padded: int) -> np.ndarray:
+    """``(H, W)`` bool -> bilinear (anti-aliased) resize to ``out_hw``, >= 0.5, zero-padded
+    bottom/right to ``padded x padded``."""
+    from PIL import Image
+
+    h, w = out_hw
+    pil = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8) * 255)
+    small = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR)) >= 128
+    out = np.zeros((padded, padded), dtype=bool)
+    out[:h, :w] = small
+    return out
+
+
+def _box_max_ious(boxes: np.ndarray) -> np.ndarray:
+    """``(N,)`` the largest IoU of each xywh box with any other box (0 for a single box)."""
+    n = len(boxes)
+    if n < 2:
+        return np.zeros(n)
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    iw = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
+    inter = iw * ih
+    area = boxes[:, 2] * boxes[:, 3]
+    union = area[:, None] + area[None] - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    np.fill_diagonal(iou, 0.0)
+    return iou.max(axis=1)
+
+
+def process_image(
+    record: Any, templates: np.ndarray, settings: ShardSettings
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """One image record -> its encoded Parquet row and its rejections.
+
+    Args:
+        record: an ``ImageRecord`` (``image_id, file_name, height, width, pixels (H,W,3) uint8,
+            people, crowd``; people carry ``annotation_id, keypoints (K,3), mask (H,W) bool,
+            area, bbox (4,) xywh, max_iou | None``).
+        templates: ``(T, K, 2)`` unit templates.
+        settings: the shard settings.
+
+    Returns:
+        ``(row, rejects)``; ``row`` is None when the image itself is rejected. People without a
+        usable keypoint are rejected (``no_keypoints``) and added to the ignore regions.
+        ``max_ious`` missing from the annotations are computed from the visible boxes of the
+        image's annotated people.
+    """
+    split = settings.split
+    height, width = int(record.height), int(record.width)
+    pixels = np.asarray(record.pixels)
+    if pixels.ndim != 3 or pixels.shape[:2] != (height, width) or pixels.shape[2] != 3:
+        detail = f"pixels {pixels.shape} do not match the annotated size {height}x{width}"
+        return None, [_reject(split, record, None, REASON_BAD_IMAGE_SIZE, detail)]
+    scale = settings.input_size / max(height, width)
+    new_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = resize_image(pixels, new_hw)
+
+    rejects: list[dict[str, Any]] = []
+    ignore = [_rle_counts(np.asarray(c.mask, dtype=bool)) for c in record.crowd]
+    all_boxes = np.array([np.asarray(p.bbox, dtype=np.float64) for p in record.people]).reshape(
+        -1, 4
+    )
+    box_ious = _box_max_ious(all_boxes)
+    kept, kept_ious = [], []
+    for person, box_iou in zip(record.people, box_ious, strict=True):
+        kpts = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
+        if not (kpts[:, 2] > 0).any():
+            rejects.append(
+                _reject(
+                    split,
+                    record,
+                    int(person.annotation_id),
+                    schema.REASON_NO_KEYPOINTS,
+                    "no usable keypoint (all v = 0): cannot be aligned; kept as an ignore region",
+                )
+            )
+            ignore.append(_rle_counts(np.asarray(person.mask, dtype=bool)))
+            continue
+        kept.append(person)
+        kept_ious.append(box_iou if person.max_iou is None else float(person.max_iou))
+
+    n, size = len(kept), settings.roi_size
+    keypoints = np.zeros((n, NUM_KEYPOINTS, 3), dtype=np.float32)
+    for i, person in enumerate(kept):
+        keypoints[i] = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
+    keypoints[..., :2] *= scale
+    bboxes = np.array([np.asarray(p.bbox, dtype=np.float32) for p in kept]).reshape(n, 4)
+    assignment = assign_templates(
+        keypoints,
+        templates,
+        roi_size=size,
+        alignment=settings.alignment,
+        boxes=bboxes.astype(np.float64) * scale,
+    )
+    skeleton = quantise(
+        render_skeleton_features(
+            apply_affine(keypoints, assignment.affines),
+            roi_size=size,
+            sigma_px=settings.heatmap_sigma_px,
+            width_px=settings.paf_width_px,
+        )
+    )
+    targets = np.zeros((n, size, size), dtype=bool)
+    mask_rles, gt_rles = [], []
+    for i, person in enumerate(kept):
+        mask = np.asarray(person.mask, dtype=bool)
+        # Compose original -> input (scale) with input -> aligned: one resampling of the mask.
+        from_orig = assignment.affines[i].astype(np.float64)
+        from_orig[:, :2] *= scale
+        targets[i] = warp_mask_to_aligned(mask, from_orig, size)
+        mask_rles.append(_rle_counts(resize_mask(mask, new_hw, settings.input_size)))
+        gt_rles.append(_rle_counts(mask))
+    row = schema.encode_image_row(
+        image_id=int(record.image_id),
+        file_name=str(record.file_name),
+        orig_height=height,
+        orig_width=width,
+        scale=scale,
+        image=image,
+        image_encoding=settings.image_encoding,
+        person_ids=[int(p.annotation_id) for p in kept],
+        keypoints=keypoints,
+        affines=assignment.affines,
+        template_ids=assignment.template_ids,
+        skeleton=skeleton,
+        targets=targets,
+        mask_rles=mask_rles,
+        gt_rles=gt_rles,
+        areas=[float(p.area) for p in kept],
+        bboxes=bboxes,
+        max_ious=kept_ious,
+        ignore_rles=ignore,
+    )
+    return row, rejects
+
+
+# --------------------------------------------------------------------------------------------
+# Shard task (runs in Ray workers)
+# --------------------------------------------------------------------------------------------
+
+_READERS: dict[tuple[str, str, str], Any] = {}
+
+
+def _reader(annotations_uri: str, images_uri: str, split: str) -> Any:
+    """The split's reader, cached per worker process (workers are reused across shards, so
+    the annotation JSON is parsed once per process, not once per shard)."""
+    from preprocessing.coco import CocoPersonDataset
+
+    key = (annotations_uri, images_uri, split)
+    if key not in _READERS:
+        _READERS.clear()
+        _READERS[key] = CocoPersonDataset(annotations_uri, images_uri, split=split)
+    return _READERS[key]
+
+
+def _as_reject_dict(rejection: Any) -> dict[str, Any]:
+    if isinstance(rejection, dict):
+        return rejection
+    return {name: getattr(rejection, name) for name in schema.REJECTS_SCHEMA.names}
+
+
+def _write_table(table: Any, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    fs, path = pyarrow_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs, compression=PARQUET_COMPRESSION)
+
+
+def process_shard(
+    batch: Any,
+    *,
+    annotations_uri: str,
+    images_uri: str,
+    templates: np.ndarray,
+    settings: ShardSettings,
+    rejects_dir: str,
+) -> Any:
+    """Ray Data UDF: a batch of shard items ``{"shard": int, "image_ids": list}`` (pyarrow) ->
+    the shard's image rows (a pyarrow Table of ``schema.SCHEMA``). Writes the shard's rejects
+    to ``rejects_dir/<split>-<shard>.parquet`` (always, even when empty)."""
+    rows: list[dict[str, Any]] = []
+    for item in batch.to_pylist():
+        rejects: list[dict[str, Any]] = []
+        reader = _reader(annotations_uri, images_uri, settings.split)
+        for image_id in item["image_ids"]:
+            record, reader_rejects = reader.read(int(image_id))
+            rejects.extend(_as_reject_dict(r) for r in reader_rejects)
+            if record is None:
+                continue
+            try:
+                row, image_rejects = process_image(record, templates, settings)
+            except Exception as exc:  # recorded, never dropped: counts against the reject limit
+                rejects.append(
+                    _reject(
+                        settings.split,
+                        record,
+                        None,
+                        REASON_PROCESSING_ERROR,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+                )
+                continue
+            rejects.extend(image_rejects)
+            if row is not None:
+                rows.append(row)
+        name = f"{settings.split}-{int(item['shard']):05d}.parquet"
+        _write_table(schema.rejects_to_table(rejects), join(rejects_dir, name))
+    return schema.rows_to_table(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitSummary:
+    """Counts of one preprocessed split, read back from storage."""
+
+    split: str
+    images_in: int
+    rows_out: int
+    people_out: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rows of the rejects table by reason (one per rejected person or image)."""
+    people_rejected: dict[str, int] = field(default_factory=dict)
+    """People lost by reason: a rejected image counts the person annotations it held."""
+    shards: int = 0
+    seconds: float = 0.0
+
+    @property
+    def reject_fraction(self) -> float:
+        """People rejected for unexpected reasons over all people (kept + rejected)."""
+        total = self.people_out + sum(self.people_rejected.values())
+        unexpected = sum(
+            v for k, v in self.people_rejected.items() if k not in EXPECTED_REJECT_REASONS
+        )
+        return unexpected / total if total else 0.0
+
+
+@dataclass
+class PreprocessSummary:
+    """What :func:`preprocess_dataset` did (or found, when ``skipped``)."""
+
+    key: str
+    uri: str
+    splits: dict[str, SplitSummary]
+    bytes_per_person: dict[str, float]
+    num_templates: int
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for name, split in self.splits.items():
+            out["splits"][name]["reject_fraction"] = split.reject_fraction
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSummary:
+        splits = {}
+        for name, s in data["splits"].items():
+            s = {k: v for k, v in s.items() if k != "reject_fraction"}
+            splits[name] = SplitSummary(**s)
+        return cls(
+            key=data["key"],
+            uri=data["uri"],
+            splits=splits,
+            bytes_per_person=dict(data.get("bytes_per_person", {})),
+            num_templates=int(data.get("num_templates", 0)),
+            skipped=bool(data.get("skipped", False)),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+    def format(self) -> str:
+        """A human-readable report: images in, rows out, people out, rejects by reason."""
+        head = "already complete, skipped" if self.skipped else f"done in {self.seconds:.1f} s"
+        lines = [f"preprocess variant {self.key} at {self.uri}: {head}"]
+        for s in self.splits.values():
+            people = ", ".join(f"{k}={v}" for k, v in s.people_rejected.items()) or "none"
+            records = ", ".join(f"{k}={v}" for k, v in s.rejected.items()) or "none"
+            lines.append(
+                f"  {s.split}: images in {s.images_in}, rows out {s.rows_out}, people out "
+                f"{s.people_out}, people rejected by reason: {people} (reject records: "
+                f"{records}; counted fraction {s.reject_fraction:.3f})"
+            )
+        if self.bytes_per_person:
+            b = self.bytes_per_person
+            lines.append(
+                f"  bytes per person (Parquet, compressed): skeleton {b.get('skeleton', 0):.0f}, "
+                f"targets {b.get('targets', 0):.0f}, total {b.get('total', 0):.0f} "
+                f"(raw {b.get('raw', 0):.0f})"
+            )
+        return "\n".join(lines)
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    if not exists(uri):
+        return None
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def _train_keypoints(annotations_uri: str) -> np.ndarray:
+    """``(N, K, 3)`` keypoints of the non-crowd people of a COCO JSON (no pixels read)."""
+    try:
+        data = json.loads(read_bytes(annotations_uri).decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{annotations_uri}: not valid JSON ({exc})") from None
+    people = []
+    for ann in data.get("annotations", []):
+        kp = ann.get("keypoints")
+        if ann.get("iscrowd", 0) or not kp or len(kp) != NUM_KEYPOINTS * 3:
+            continue
+        arr = np.asarray(kp, dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
+        if np.isfinite(arr).all() and (arr[:, 2] > 0).sum() >= 3:
+            people.append(arr)
+    if not people:
+        raise ValueError(
+            f"{annotations_uri}: no person with >= 3 usable keypoints to fit templates on"
+        )
+    return np.stack(people)
+
+
+def ensure_templates(config: Config, *, force: bool = False) -> np.ndarray:
+    """Fit the pose templates on the train split's keypoints once (``templates.npy``)."""
+    uri = join(variant_dir(config), TEMPLATES_FILE)
+    if not force and exists(uri):
+        return np.load(io.BytesIO(read_bytes(uri)))
+    annotations_uri, _ = raw_paths(config, "train")
+    keypoints = _train_keypoints(annotations_uri)
+    templates = fit_pose_templates(
+        keypoints, num_templates=config.model.num_templates, seed=TEMPLATE_SEED
+    )
+    buffer = io.BytesIO()
+    np.save(buffer, templates)
+    write_bytes(uri, buffer.getvalue())
+    print(
+        f"preprocess: fitted {len(templates)} pose templates on {len(keypoints)} train poses -> {uri}"
+    )
+    return templates
+
+
+def _delete_split_rejects(rejects_dir: str, split: str) -> None:
+    from pyarrow import fs as pafs
+
+    fs, path = pyarrow_filesystem(rejects_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return
+    for info in infos:
+        if info.type == pafs.FileType.File and info.base_name.startswith(f"{split}-"):
+            fs.delete_file(info.path)
+
+
+def _parquet_files(uri: str) -> tuple[Any, list[str]]:
+    from pyarrow import fs as pafs
+
+    fs, path = pyarrow_filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    return fs, sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
+
+
+def _stored_split_stats(uri: str) -> dict[str, Any]:
+    """Image ids, people and compressed column bytes of a stored split (footers + 2 columns)."""
+    import pyarrow.parquet as pq
+
+    fs, files = _parquet_files(uri)
+    image_ids: list[int] = []
+    people = 0
+    column_bytes: Counter[str] = Counter()
+    for path in files:
+        with fs.open_input_file(path) as fh:
+            parquet = pq.ParquetFile(fh)
+            meta = parquet.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    column = group.column(c)
+                    column_bytes[column.path_in_schema] += column.total_compressed_size
+            table = parquet.read(columns=[schema.IMAGE_ID, schema.NUM_PEOPLE])
+        image_ids.extend(table.column(schema.IMAGE_ID).to_pylist())
+        people += int(sum(table.column(schema.NUM_PEOPLE).to_pylist()))
+    return {
+        "files": len(files),
+        "image_ids": image_ids,
+        "people": people,
+        "column_bytes": column_bytes,
+    }
+
+
+def _stored_rejects(rejects_dir: str, split: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    fs, files = _parquet_files(rejects_dir)
+    out: list[dict[str, Any]] = []
+    for path in files:
+        if path.rsplit("/", 1)[-1].startswith(f"{split}-"):
+            with fs.open_input_file(path) as fh:
+                out.extend(pq.read_table(fh).to_pylist())
+    return out
+
+
+def _run_split(
+    config: Config, split: str, templates: np.ndarray, *, num_cpus_per_task: float
+) -> tuple[SplitSummary, Counter[str]]:
+    """Build one split; returns its summary and the compressed bytes per Parquet column."""
+    import ray
+
+    start = time.perf_counter()
+    annotations_uri, images_uri = raw_paths(config, split)
+    reader = _reader(annotations_uri, images_uri, split)
+    image_ids = [int(i) for i in reader.image_ids]
+    per_shard = config.data.images_per_shard
+    items = [
+        {"shard": s, "image_ids": image_ids[i : i + per_shard]}
+        for s, i in enumerate(range(0, len(image_ids), per_shard))
+    ]
+    out_uri = processed_dir(config, split)
+    rejects_dir = join(variant_dir(config), REJECTS_DIR)
+    print(
+        f"preprocess[{split}]: {len(image_ids)} images in {len(items)} shards of <= {per_shard} "
+        f"({num_cpus_per_task} CPU each) -> {out_uri}",
+        flush=True,
+    )
+    _delete_split_rejects(rejects_dir, split)
+    # Annotations naming no known image belong to no shard: the driver records them.
+    _write_table(
+        schema.rejects_to_table(
+            [_as_reject_dict(r) for r in getattr(reader, "dataset_rejections", [])]
+        ),
+        join(rejects_dir, f"{split}-dataset.parquet"),
+    )
+    runtime_env = _runtime_env()
+    fs, path = pyarrow_filesystem(out_uri)
+    if items:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            process_shard,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=num_cpus_per_task,
+            runtime_env=runtime_env,
+            fn_kwargs={
+                "annotations_uri": annotations_uri,
+                "images_uri": images_uri,
+                "templates": templates,
+                "settings": ShardSettings.from_config(config, split),
+                "rejects_dir": rejects_dir,
+            },
+        )
+        ds.write_parquet(
+            path,
+            filesystem=fs,
+            mode="overwrite",
+            compression=PARQUET_COMPRESSION,
+            ray_remote_args={"runtime_env": runtime_env} if runtime_env else None,
+        )
+    stats = _stored_split_stats(out_uri)
+    rejects = _stored_rejects(rejects_dir, split)
+    stored_ids = stats["image_ids"]
+    if len(stored_ids) != len(set(stored_ids)):
+        raise PreprocessError(
+            f"{out_uri}: duplicate image rows ({len(stored_ids)} rows, {len(set(stored_ids))} ids)"
+        )
+    accounted = set(stored_ids) | {r[schema.REJECT_IMAGE_ID] for r in rejects}
+    missing = sorted(set(image_ids) - accounted)
+    if missing:
+        raise PreprocessError(
+            f"{out_uri}: {len(missing)} images neither stored nor rejected (e.g. {missing[:5]}); "
+            "the run is incomplete, re-run with --force"
+        )
+    people_rejected: Counter[str] = Counter()
+    known_ids = set(image_ids)
+    for r in rejects:
+        if r[schema.REJECT_ANNOTATION_ID] is not None:
+            people_rejected[r[schema.REJECT_REASON]] += 1
+        elif r[schema.REJECT_IMAGE_ID] in known_ids:
+            people_rejected[r[schema.REJECT_REASON]] += reader.num_people_in(
+                r[schema.REJECT_IMAGE_ID]
+            )
+    summary = SplitSummary(
+        split=split,
+        images_in=len(image_ids),
+        rows_out=len(stored_ids),
+        people_out=stats["people"],
+        rejected=dict(sorted(Counter(r[schema.REJECT_REASON] for r in rejects).items())),
+        people_rejected=dict(sorted(people_rejected.items())),
+        shards=len(items),
+        seconds=time.perf_counter() - start,
+    )
+    print(
+        f"preprocess[{split}]: images in {summary.images_in}, rows out {summary.rows_out}, people "
+        f"out {summary.people_out}, people rejected {summary.people_rejected or 'none'} in "
+        f"{summary.seconds:.1f} s",
+        flush=True,
+    )
+    return summary, stats["column_bytes"]
+
+
+def _bytes_per_person(column_bytes: Counter[str], people: int, roi_size: int) -> dict[str, float]:
+    if people == 0:
+        return {}
+    skeleton = column_bytes.get(schema.SKELETON, 0) / people
+    targets = column_bytes.get(schema.TARGETS, 0) / people
+    raw = NUM_SKELETON_CHANNELS * roi_size * roi_size + roi_size * roi_size / 8
+    return {"skeleton": skeleton, "targets": targets, "total": skeleton + targets, "raw": raw}
+
+
+def preprocess_dataset(
+    config: Config,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    force: bool = False,
+    num_cpus_per_task: float = 1.0,
+) -> PreprocessSummary:
+    """Make sure this config's Parquet variant exists; build it with Ray Data if not.
+
+    Args:
+        config: the workflow config (``data.*`` and the ``model.*`` preprocessing keys).
+        splits: which splits to (re)build.
+        force: rebuild even when ``meta.json`` says the variant is complete.
+        num_cpus_per_task: CPUs each shard task asks Ray for.
+
+    Returns:
+        The summary (counts per split, bytes per person), also stored in ``meta.json``.
+
+    Raises:
+        PreprocessError: the fraction of rejected records (excluding ``no_keypoints``) of a
+            split exceeds ``data.max_reject_fraction``, or the output is incomplete.
+        ValueError / FileNotFoundError: a bad split name or a missing raw dataset, naming it.
+    """
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {list(SPLITS)}, got {list(splits)}")
+    start = time.perf_counter()
+    uri = variant_dir(config)
+    meta_uri = join(uri, META_FILE)
+    meta = _read_json(meta_uri)
+    if (
+        meta is not None
+        and not force
+        and all(s in meta.get("summary", {}).get("splits", {}) for s in splits)
+    ):
+        summary = PreprocessSummary.from_dict(meta["summary"])
+        summary.skipped = True
+        print(
+            f"preprocess: variant {summary.key} at {uri} is complete (meta.json); skipped",
+            flush=True,
+        )
+        return summary
+
+    if config.data.source == "synthetic":
+        from preprocessing.synthetic import ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(config)
+    for split in set(splits) | {"train"}:
+        annotations_uri, _ = raw_paths(config, split)
+        if not exists(annotations_uri):
+            raise FileNotFoundError(
+                f"data.{split}_annotations: {annotations_uri} does not exist (data.root={config.data.root!r})"
+            )
+    if exists(meta_uri):
+        # Mark the variant incomplete until this run finishes.
+        if is_remote(meta_uri):
+            from preprocessing.storage import s3_client, split_s3
+
+            bucket, key = split_s3(meta_uri)
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        else:
+            os.remove(meta_uri)
+
+    templates = ensure_templates(config, force=force)
+    results: dict[str, SplitSummary] = {}
+    column_bytes: Counter[str] = Counter()
+    for split in splits:
+        results[split], split_bytes = _run_split(
+            config, split, templates, num_cpus_per_task=num_cpus_per_task
+        )
+        column_bytes.update(split_bytes)
+    # Splits built earlier for this variant and not rebuilt now stay in the summary.
+    if meta is not None:
+        for name, s in meta.get("summary", {}).get("splits", {}).items():
+            if name not in results:
+                results[name] = SplitSummary(
+                    **{k: v for k, v in s.items() if k != "reject_fraction"}
+                )
+    people = sum(results[s].people_out for s in splits)
+    summary = PreprocessSummary(
+        key=config.preprocess_key(),
+        uri=uri,
+        splits={s: results[s] for s in SPLITS if s in results},
+        bytes_per_person=_bytes_per_person(column_bytes, people, config.model.roi_size),
+        num_templates=len(templates),
+        seconds=time.perf_counter() - start,
+    )
+    too_many = {
+        s.split: s.reject_fraction
+        for s in summary.splits.values()
+        if s.reject_fraction > config.data.max_reject_fraction
+    }
+    if too_many:
+        detail = ", ".join(
+            f"{name}: {frac:.3f} ({summary.splits[name].rejected})"
+            for name, frac in too_many.items()
+        )
+        raise PreprocessError(
+            f"rejected fraction above data.max_reject_fraction={config.data.max_reject_fraction}: "
+            f"{detail}; see {join(uri, REJECTS_DIR)}"
+        )
+    meta = {
+        "key": summary.key,
+        "summary": summary.to_dict(),
+        "roi_size": config.model.roi_size,
+        "input_size": config.data.input_size,
+        "num_templates": len(templates),
+        "templates_file": TEMPLATES_FILE,
+        "channel_layout": schema.channel_layout(),
+        "skeleton_quantisation": "int8, value = round(x * 127), x = value / 127",
+        "targets_encoding": "np.packbits of bool (N, S, S)",
+        "columns": list(schema.COLUMNS),
+        "config": config.to_flat(),
+        "created_unix": time.time(),
+    }
+    write_bytes(meta_uri, json.dumps(meta, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    return summary
+
+
+def load_split(config: Config, split: str) -> Any:
+    """The stored Parquet of one split as a lazy ``ray.data.Dataset`` (local or s3://).
+
+    Raises:
+        FileNotFoundError: the variant has not been preprocessed (run workflows/preprocess.py).
+    """
+    import ray
+
+    uri = processed_dir(config, split)
+    if not exists(join(variant_dir(config), META_FILE)):
+        raise FileNotFoundError(
+            f"{variant_dir(config)}: no complete preprocessed variant (meta.json missing); run "
+            "workflows/preprocess.py with the same config first"
+        )
+    fs, path = pyarrow_filesystem(uri)
+    runtime_env = _runtime_env()
+    return ray.data.read_parquet(
+        path, filesystem=fs, **({"runtime_env": runtime_env} if runtime_env else {})
+    )
