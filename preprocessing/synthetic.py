@@ -752,7 +752,7 @@ def generate_split(
         "categories": coco_categories(),
     }
     with open(os.path.join(root, "annotations", f"person_keypoints_{split}.json"), "w") as fh:
-        json.dump(coco, fh, separators=(",", ":"))
+        fh.write(json.dumps(coco, separators=(",", ":")))  # dumps uses the C encoder, dump does not
     ious = np.array([a["max_iou"] for a in annotations], dtype=np.float64)
     return {
         "images": num_images,
