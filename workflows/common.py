@@ -43,7 +43,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # Inside `ray job submit` RAY_ADDRESS is set; resources come from the cluster.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (ray[default]) also serves the State API that Ray Train's controller
+        # polls; without it Train prints "Failed to query Ray Train Controller actor state".
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def run_main(fn, argv: list[str] | None) -> int:

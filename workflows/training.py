@@ -43,6 +43,13 @@ def predict_rows(
     """COCO results (original image frame) for decoded Parquet rows with the given model."""
     import torch
 
+    if config.model.arch == "maskrcnn":
+        from pose2seg.maskrcnn import detection_predict_results
+
+        return detection_predict_results(
+            getattr(model, "module", model), rows, config=config, device=device
+        )
+
     from pose2seg.batch import collate
     from pose2seg.inference import encode_rle, logits_to_instances
 
@@ -161,6 +168,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     config = Config.from_flat(loop_config["config"])
     templates = np.asarray(loop_config["templates"], dtype=np.float32)
+    collate_fn, step_fn = collate, train_step
+    if config.model.arch == "maskrcnn":
+        # The baseline: same data, loop, budget and evaluation; its own batch layout and loss.
+        from pose2seg.maskrcnn import collate_detection, detection_train_step
+
+        collate_fn, step_fn = collate_detection, detection_train_step
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.train.use_gpu:
@@ -224,8 +237,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             local_shuffle_seed=config.train.seed + 1000 * epoch + rank,
         ):
             rows = _decode_batch(batch_np)
-            batch = collate(rows, input_size=config.data.input_size).to(device)
-            stats = train_step(
+            batch = collate_fn(rows, input_size=config.data.input_size).to(device)
+            stats = step_fn(
                 model,
                 batch,
                 optimizer,
