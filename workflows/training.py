@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = build_model(config.model)
+    model = build_model(config.model, input_size=config.data.input_size)
     optimizer = build_optimizer(model, config.train)
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     total_steps = steps_per_epoch * config.train.epochs
@@ -511,7 +511,12 @@ def run_training(
             tracking.log_metrics(
                 handle, {"best_val_segm_ap": best_ap}, step=int(best_state.get("epoch", 0))
             )
-            outcome.model_uri = tracking.log_pose2seg_model(handle, ckpt_dir)
+            if config.model.arch == "pose2seg":
+                outcome.model_uri = tracking.log_pose2seg_model(handle, ckpt_dir)
+            else:
+                # The Mask R-CNN baseline is trained for comparison only: its metrics and
+                # checkpoint are kept, but it is not served by the pose-based pyfunc.
+                tracking.log_artifact_file(handle, os.path.join(ckpt_dir, "model.pt"), "baseline")
         if do_register and outcome.model_uri:
             outcome.registration = tracking.register_if_better(
                 config, handle, outcome.model_uri, val_ap=best_ap
