@@ -521,6 +521,7 @@ def _visibility(xy: np.ndarray, label: np.ndarray, person: int, size: int) -> np
         if not (0.0 <= x < size and 0.0 <= y < size):
             continue
         owner = label[int(y), int(x)]
+        # Every keypoint lies inside its own drawn body, so owner 0 (background) does not occur.
         out[k] = (x, y, 2.0 if owner == person or owner == 0 else 1.0)
     return out
 
