@@ -43,7 +43,7 @@ from pose2seg.config import Config
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 from pose2seg.templates import apply_affine, assign_templates, fit_pose_templates
 from preprocessing import schema
-from preprocessing.features import quantise, render_skeleton_features, warp_mask_to_aligned
+from preprocessing.features import render_quantised_skeleton_features, warp_mask_to_aligned
 from preprocessing.storage import (
     exists,
     is_remote,
@@ -274,13 +274,11 @@ def process_image(
         alignment=settings.alignment,
         boxes=bboxes.astype(np.float64) * scale,
     )
-    skeleton = quantise(
-        render_skeleton_features(
-            apply_affine(keypoints, assignment.affines),
-            roi_size=size,
-            sigma_px=settings.heatmap_sigma_px,
-            width_px=settings.paf_width_px,
-        )
+    skeleton = render_quantised_skeleton_features(
+        apply_affine(keypoints, assignment.affines),
+        roi_size=size,
+        sigma_px=settings.heatmap_sigma_px,
+        width_px=settings.paf_width_px,
     )
     targets = np.zeros((n, size, size), dtype=bool)
     mask_rles, gt_rles = [], []

@@ -10,6 +10,7 @@ from preprocessing.features import (
     dequantise,
     pack_targets,
     quantise,
+    render_quantised_skeleton_features,
     render_skeleton_features,
     unpack_targets,
     warp_mask,
@@ -132,3 +133,34 @@ def test_pack_targets_round_trip():
     ).shape == (0, 16, 16)
     with pytest.raises(ValueError, match="expected"):
         unpack_targets(data, num_people=2, roi_size=16)
+
+
+@pytest.mark.parametrize(
+    ("size", "sigma_px", "width_px"), [(64, 2.0, 1.5), (32, 2.0, 1.5), (64, 3.5, 3.0)]
+)
+def test_sparse_quantised_rendering_equals_quantised_dense_rendering(size, sigma_px, width_px):
+    rng = np.random.default_rng(size)
+    kpts = np.concatenate(
+        [
+            rng.uniform(-8, size + 8, (40, NUM_KEYPOINTS, 2)),
+            rng.integers(0, 3, (40, NUM_KEYPOINTS, 1)),
+        ],
+        -1,
+    ).astype(np.float32)
+    kpts[0, :, :2] = kpts[0, :1, :2]  # zero-length limbs
+    dense = quantise(
+        render_skeleton_features(kpts, roi_size=size, sigma_px=sigma_px, width_px=width_px)
+    )
+    sparse = render_quantised_skeleton_features(
+        kpts, roi_size=size, sigma_px=sigma_px, width_px=width_px
+    )
+    assert sparse.dtype == np.int8 and sparse.shape == dense.shape
+    assert np.abs(sparse.astype(np.int16) - dense).max() <= 1  # 1 only at exact rounding ties
+    assert (sparse == dense).mean() > 0.9999
+    empty = np.zeros((0, NUM_KEYPOINTS, 3))
+    assert render_quantised_skeleton_features(empty, roi_size=8, sigma_px=2, width_px=1).shape == (
+        0,
+        55,
+        8,
+        8,
+    )
