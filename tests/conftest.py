@@ -67,7 +67,11 @@ def s3_server():
     all talk to it.
     """
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The venv's moto_server first: an older one elsewhere on PATH breaks multipart uploads.
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
+    if exe is None:
+        raise RuntimeError("moto_server not found: install the dev extra (moto[server])")
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -129,3 +133,16 @@ def s3_bucket(s3_server):
 def mlflow_uri(tmp_path) -> str:
     """A real SQLite-backed MLflow tracking store (with registry) in a temp dir."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tmp_path_factory):
+    """One tiny real training run (2 Ray Train workers, SQLite MLflow, registry), shared by
+    the integration tests that inspect, evaluate or serve what it produced."""
+    from tests.helpers import tiny_config
+    from workflows.training import run_training
+
+    tmp_path = tmp_path_factory.mktemp("train")
+    config = tiny_config(tmp_path)
+    outcome = run_training(config)
+    return config, outcome

@@ -129,6 +129,10 @@ def run_batch_inference(
 
     import ray
 
+    if model_ref.startswith(("models:/", "runs:/")):
+        from workflows.tracking import client_for, resolve_tracking_uri
+
+        client_for(resolve_tracking_uri(config))
     with tempfile.TemporaryDirectory() as work:
         files = pack_dir(resolve_checkpoint_dir(model_ref, work))
     ds = ray.data.from_items(

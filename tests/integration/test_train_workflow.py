@@ -7,51 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pose2seg.config import Config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_config(tmp_path, **extra) -> Config:
-    """A model and dataset small enough for a 2-core CI machine, every part still real."""
-    overrides = {
-        "data.root": str(tmp_path / "synthetic"),
-        "data.processed": str(tmp_path / "processed"),
-        "data.input_size": 96,
-        "data.images_per_shard": 8,
-        "data.synthetic_num_train": 16,
-        "data.synthetic_num_val": 8,
-        "data.synthetic_image_size": 96,
-        "data.synthetic_max_people": 3,
-        "model.backbone_depth": 18,
-        "model.fpn_channels": 16,
-        "model.roi_size": 16,
-        "model.num_residual_units": 1,
-        "model.seg_channels": 8,
-        "model.num_templates": 2,
-        "train.num_workers": 2,
-        "train.cpus_per_worker": 0.5,
-        "train.epochs": 2,
-        "train.batch_size": 4,
-        "train.warmup_steps": 2,
-        "train.storage_path": str(tmp_path / "runs"),
-        "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "registry.model_name": "pose2seg-test",
-        "eval.batch_size": 4,
-    }
-    overrides.update(extra)
-    return Config().with_overrides(overrides)
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """One tiny training run, shared by the tests that inspect what it produced."""
-    from workflows.training import run_training
-
-    tmp_path = tmp_path_factory.mktemp("train")
-    config = tiny_config(tmp_path)
-    outcome = run_training(config)
-    return config, outcome
 
 
 def test_run_reports_every_epoch_and_a_real_ap(trained):
@@ -88,10 +46,16 @@ def test_registered_model_loads_by_alias_and_predicts(trained, coco_sample_dir):
     reg = outcome.registration
     assert reg is not None and reg.alias_moved and reg.version == "1"
     mlflow.set_tracking_uri(config.registry.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}@{config.registry.alias}")
+    model = mlflow.pyfunc.load_model(
+        f"models:/{config.registry.model_name}@{config.registry.alias}"
+    )
     gt = json.loads((coco_sample_dir / "person_keypoints_sample.json").read_text())
     image = gt["images"][0]
-    people = [a["keypoints"] for a in gt["annotations"] if a["image_id"] == image["id"] and a["num_keypoints"] > 0]
+    people = [
+        a["keypoints"]
+        for a in gt["annotations"]
+        if a["image_id"] == image["id"] and a["num_keypoints"] > 0
+    ]
     frame = pd.DataFrame(
         {
             "image": [(coco_sample_dir / image["file_name"]).read_bytes()],
@@ -113,14 +77,19 @@ def test_alias_moves_only_for_a_better_model(trained):
     from workflows.tracking import RunHandle, register_if_better
 
     config, outcome = trained
-    handle = RunHandle(tracking_uri=config.registry.tracking_uri, run_id=outcome.mlflow_run_id, experiment_id="")
+    handle = RunHandle(
+        tracking_uri=config.registry.tracking_uri, run_id=outcome.mlflow_run_id, experiment_id=""
+    )
     holder_ap = outcome.registration.val_ap
     worse = register_if_better(config, handle, outcome.model_uri, val_ap=holder_ap - 0.1)
     assert not worse.alias_moved and worse.previous_version == "1"
     better = register_if_better(config, handle, outcome.model_uri, val_ap=holder_ap + 0.1)
     assert better.alias_moved
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    assert client.get_model_version_by_alias(config.registry.model_name, "champion").version == better.version
+    assert (
+        client.get_model_version_by_alias(config.registry.model_name, "champion").version
+        == better.version
+    )
 
 
 def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
@@ -128,7 +97,9 @@ def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_
 
     config = tiny_config(tmp_path, **{"train.epochs": 3, "registry.register": False})
     marker = tmp_path / "failed-once"
-    outcome = run_training(config, test_hooks={"fail_once_marker": str(marker), "fail_once_at_epoch": 2})
+    outcome = run_training(
+        config, test_hooks={"fail_once_marker": str(marker), "fail_once_at_epoch": 2}
+    )
     assert marker.exists(), "the injected failure did not happen"
     assert outcome.metrics["epoch"] == 3
     # The restarted worker loaded the epoch-2 checkpoint: the history holds each epoch once.
