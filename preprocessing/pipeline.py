@@ -318,15 +318,28 @@ def process_image(
 # Shard task (runs in Ray workers)
 # --------------------------------------------------------------------------------------------
 
-_READERS: dict[tuple[str, str, str], Any] = {}
+_READERS: dict[tuple[str, str, str, str], Any] = {}
 
 
-def _reader(annotations_uri: str, images_uri: str, split: str) -> Any:
+def annotations_fingerprint(uri: str) -> str:
+    """Changes whenever the annotation file does (local: mtime and size; S3: the ETag)."""
+    if is_remote(uri):
+        from preprocessing.storage import s3_client, split_s3
+
+        bucket, key = split_s3(uri)
+        return str(s3_client().head_object(Bucket=bucket, Key=key).get("ETag", ""))
+    stat = os.stat(uri)
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def _reader(annotations_uri: str, images_uri: str, split: str, fingerprint: str) -> Any:
     """The split's reader, cached per worker process (workers are reused across shards, so
-    the annotation JSON is parsed once per process, not once per shard)."""
+    the annotation JSON is parsed once per process, not once per shard). ``fingerprint``
+    (:func:`annotations_fingerprint`, taken by the driver) keeps a regenerated dataset at the
+    same path from being served stale by a warm worker."""
     from preprocessing.coco import CocoPersonDataset
 
-    key = (annotations_uri, images_uri, split)
+    key = (annotations_uri, images_uri, split, fingerprint)
     if key not in _READERS:
         _READERS.clear()
         _READERS[key] = CocoPersonDataset(annotations_uri, images_uri, split=split)
@@ -355,6 +368,7 @@ def process_shard(
     templates: np.ndarray,
     settings: ShardSettings,
     rejects_dir: str,
+    fingerprint: str = "",
 ) -> Any:
     """Ray Data UDF: a batch of shard items ``{"shard": int, "image_ids": list}`` (pyarrow) ->
     the shard's image rows (a pyarrow Table of ``schema.SCHEMA``). Writes the shard's rejects
@@ -362,7 +376,7 @@ def process_shard(
     rows: list[dict[str, Any]] = []
     for item in batch.to_pylist():
         rejects: list[dict[str, Any]] = []
-        reader = _reader(annotations_uri, images_uri, settings.split)
+        reader = _reader(annotations_uri, images_uri, settings.split, fingerprint)
         for image_id in item["image_ids"]:
             record, reader_rejects = reader.read(int(image_id))
             rejects.extend(_as_reject_dict(r) for r in reader_rejects)
@@ -592,7 +606,10 @@ def _run_split(
 
     start = time.perf_counter()
     annotations_uri, images_uri = raw_paths(config, split)
-    reader = _reader(annotations_uri, images_uri, split)
+    from preprocessing.coco import CocoPersonDataset
+
+    fingerprint = annotations_fingerprint(annotations_uri)
+    reader = CocoPersonDataset(annotations_uri, images_uri, split=split)
     image_ids = [int(i) for i in reader.image_ids]
     per_shard = config.data.images_per_shard
     items = [
@@ -629,6 +646,7 @@ def _run_split(
                 "templates": templates,
                 "settings": ShardSettings.from_config(config, split),
                 "rejects_dir": rejects_dir,
+                "fingerprint": fingerprint,
             },
         )
         ds.write_parquet(

@@ -216,3 +216,20 @@ def test_s3_round_trip(ray_session, tmp_path, s3_bucket):
     again = preprocess_dataset(config, force=True)
     assert load_split(config, "train").count() == 8 and again.splits["train"].rows_out == 8
     assert preprocess_dataset(config).skipped
+
+
+def test_entry_script_main(ray_session, tmp_path, capsys):
+    from workflows.preprocess import main
+
+    sets = [
+        f"{k}={v}"
+        for k, v in {**SMALL, "data.synthetic_num_train": 6, "data.synthetic_num_val": 3}.items()
+    ]
+    sets += [f"data.root={tmp_path / 'raw'}", f"data.processed={tmp_path / 'processed'}"]
+    argv = [arg for s in sets for arg in ("--set", s)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train: images in 6, rows out 6" in out and "val: images in 3, rows out 3" in out
+    assert main(argv) == 0 and "skipped" in capsys.readouterr().out
+    assert main(["--set", "data.imput_size=3"]) == 2
+    assert "data.input_size" in capsys.readouterr().err  # the config error suggests the key
