@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +146,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     import mlflow
     import mlflow.pytorch
 
-    from pose2seg.checkpoint import load_checkpoint
+    from pose2seg.checkpoint import TRAINING_FILE, load_checkpoint
     from pose2seg.model import build_model
     from workflows.mlflow_model import Pose2SegPyfunc, pyfunc_signature
 
@@ -153,11 +154,15 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]
     loaded = load_checkpoint(checkpoint_dir)
     client_for(handle.tracking_uri)
+    serving = tempfile.mkdtemp(prefix="pose2seg-model-")
+    serving_ckpt = os.path.join(serving, "checkpoint")
+    # Serve the weights, config, templates and state; not the optimiser state (2x the model).
+    shutil.copytree(checkpoint_dir, serving_ckpt, ignore=shutil.ignore_patterns(TRAINING_FILE))
     with mlflow.start_run(run_id=handle.run_id):
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=Pose2SegPyfunc(),
-            artifacts={"checkpoint": checkpoint_dir},
+            artifacts={"checkpoint": serving_ckpt},
             code_paths=code_paths,
             signature=pyfunc_signature(),
             pip_requirements=_pip_requirements(),
@@ -178,6 +183,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
             path = os.path.join(tmp, "templates.npy")
             np.save(path, loaded.templates)
             mlflow.log_artifact(path, artifact_path="templates")
+    shutil.rmtree(serving, ignore_errors=True)
     return info.model_uri
 
 

@@ -90,8 +90,11 @@ def test_bad_keypoint_results_are_named(evaluated, tmp_path):
     unknown.write_text(json.dumps([{"image_id": 987654, "keypoints": [0] * 51, "score": 1}]))
     with pytest.raises(KeypointResultsError, match="987654"):
         run_evaluate(config, model_ref=model_ref, keypoints=str(unknown), log_to_mlflow=False)
+    from workflows.evaluate import split_paths
+
+    first_id = json.loads(open(split_paths(config, "val")[0]).read())["images"][0]["id"]
     malformed = tmp_path / "malformed.json"
-    malformed.write_text(json.dumps([{"image_id": 1, "keypoints": [1, 2, 3], "score": 1}]))
+    malformed.write_text(json.dumps([{"image_id": first_id, "keypoints": [1, 2, 3], "score": 1}]))
     with pytest.raises(KeypointResultsError, match="entry 0.*malformed keypoints"):
         run_evaluate(config, model_ref=model_ref, keypoints=str(malformed), log_to_mlflow=False)
 
