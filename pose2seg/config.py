@@ -339,6 +339,11 @@ PREPROCESS_KEYS: tuple[str, ...] = (
 )
 
 
+# Bump when the preprocessing code changes what it writes (template frame, features, schema):
+# old Parquet variants then stop matching instead of being silently reused.
+PREPROCESS_FORMAT_VERSION: int = 2
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert ``value`` to the declared type of ``key`` or raise ConfigError naming the key."""
     typ = _FIELD_TYPES[key]
@@ -428,7 +433,10 @@ class Config:
     def preprocess_key(self) -> str:
         """A short hash of the keys that change the preprocessed data (names a Parquet variant)."""
         flat = self.to_flat()
-        payload = json.dumps({k: flat[k] for k in PREPROCESS_KEYS}, sort_keys=True)
+        payload = json.dumps(
+            {"format": PREPROCESS_FORMAT_VERSION, **{k: flat[k] for k in PREPROCESS_KEYS}},
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

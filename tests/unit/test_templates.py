@@ -102,6 +102,13 @@ def test_box_affine_maps_the_box_into_the_frame_keeping_aspect():
     np.testing.assert_allclose(corners[:, 0], [32 - 12.8, 32 + 12.8])
     with pytest.raises(ValueError, match="box"):
         box_affine(np.array([0, 0, -1, 5.0]), roi_size=64, margin=0.1)
+    # The bounding-box baseline stretches each axis like RoIAlign: both sides span 51.2 px.
+    s = box_affine(np.array([10.0, 20.0, 40.0, 80.0]), roi_size=64, margin=0.25, stretch=True)
+    corners = np.array([[10, 20, 1], [50, 100, 1]], dtype=float) @ s.T
+    np.testing.assert_allclose(corners, [[32 - 25.6, 32 - 25.6], [32 + 25.6, 32 + 25.6]])
+    # A flat box is not stretched without bound: its short side is floored at 1/4 of the long.
+    flat = box_affine(np.array([0.0, 0.0, 80.0, 0.0]), roi_size=64, margin=0.25, stretch=True)
+    assert flat[1, 1] == pytest.approx(64 / 25.0)
 
 
 def test_normalise_poses_is_invariant_to_similarity_transforms():
@@ -121,7 +128,7 @@ def test_fit_pose_templates_shapes_determinism_and_frame():
     t2 = fit_pose_templates(people, num_templates=3, seed=7)
     assert t1.shape == (3, NUM_KEYPOINTS, 2) and t1.dtype == np.float32
     np.testing.assert_array_equal(t1, t2)
-    extent = (t1.max(axis=1) - t1.min(axis=1)).max(axis=1)
+    extent = t1.max(axis=1) - t1.min(axis=1)  # (T, 2): each axis fills the extent
     np.testing.assert_allclose(extent, TEMPLATE_EXTENT, rtol=1e-5)
     assert (t1 > 0).all() and (t1 < 1).all()
     # Both poses (arms down / arms up) are found: some template has wrists above the nose.
@@ -197,7 +204,7 @@ def test_assign_box_alignment_and_unalignable_people():
     assert result.template_ids[0] == -1 and not result.fallback[0]
     kp_box = np.array([34.0, 17.0, 32.0, 83.0])
     np.testing.assert_allclose(
-        result.affines[0], box_affine(kp_box, roi_size=32, margin=0.25), rtol=1e-6
+        result.affines[0], box_affine(kp_box, roi_size=32, margin=0.25, stretch=True), rtol=1e-6
     )
     nobody = _person(STANDING, 0)[None]
     with pytest.raises(ValueError, match="no usable keypoint"):
