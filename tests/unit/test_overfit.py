@@ -23,6 +23,10 @@ from pose2seg.templates import assign_templates
 torch.set_num_threads(2)
 
 INPUT, ROI = 64, 32
+# "Under a minute on 2 CPU cores" is enforced as a step budget, not a clock: it converges in 75
+# steps, 13 s wall / 24 s CPU on an idle 2-core machine, but both clocks inflate tenfold when
+# other jobs share the cores, and a timing test that fails under load is noise.
+MAX_STEPS = 150
 STANDING = np.array(
     [
         [0.50, 0.20], [0.52, 0.18], [0.48, 0.18], [0.54, 0.20], [0.46, 0.20],
@@ -117,7 +121,7 @@ def test_tiny_model_overfits_synthetic_people():
     optimizer = build_optimizer(model, TrainConfig(lr=3e-3, weight_decay=0.0))
     start, start_cpu = time.perf_counter(), time.process_time()
     losses = []
-    for step in range(150):
+    for step in range(MAX_STEPS):
         losses.append(train_step(model, batch, optimizer, grad_clip_norm=5.0, step=step)["loss"])
         if step % 25 == 24 and evaluate_batches(model, [batch])["mask_iou"] > 0.93:
             break
@@ -127,8 +131,5 @@ def test_tiny_model_overfits_synthetic_people():
         f"overfit: {step + 1} steps, {elapsed:.1f} s wall, {cpu:.1f} s CPU, "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, mean IoU {metrics['mask_iou']:.3f}"
     )
+    # IoU > 0.9 within at most MAX_STEPS steps.
     assert metrics["mask_iou"] > 0.9
-    # "Under a minute on 2 CPU cores" is asserted as a step budget, not a clock: 75 steps took
-    # 13 s wall / 24 s CPU on an idle 2-core machine, but both clocks inflate tenfold when other
-    # jobs share the cores, and a timing test that fails under load is noise.
-    assert step + 1 <= 150
