@@ -24,12 +24,30 @@ METRIC_NAMES = (
 )
 
 
+@contextlib.contextmanager
+def quiet_pycocotools():
+    """Silence pycocotools' progress prints, also inside Ray workers (where Ray's own stdout
+    capture ignores ``contextlib.redirect_stdout``): a module-level ``print`` shadows the builtin."""
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("print", None)
+
+
 def _coco_from_dict(gt: dict[str, Any]):
     from pycocotools.coco import COCO
 
     coco = COCO()
     coco.dataset = copy.deepcopy(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         coco.createIndex()
     return coco
 
@@ -49,7 +67,7 @@ def coco_segm_metrics(gt: dict[str, Any] | Any, results: list[dict[str, Any]]) -
     unknown = sorted({r["image_id"] for r in results} - known)
     if unknown:
         raise ValueError(f"results name image ids that are not in the ground truth: {unknown[:10]}")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.evaluate()
