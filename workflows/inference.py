@@ -44,10 +44,13 @@ def resolve_checkpoint_dir(model_ref: str, work_dir: str) -> str:
 
 
 def pack_dir(directory: str) -> dict[str, bytes]:
+    """The checkpoint's files as bytes (without the optimiser state, which inference never needs)."""
+    from pose2seg.checkpoint import TRAINING_FILE
+
     files = {}
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if os.path.isfile(path):
+        if os.path.isfile(path) and name != TRAINING_FILE:
             with open(path, "rb") as fh:
                 files[name] = fh.read()
     return files
@@ -64,9 +67,8 @@ def unpack_dir(files: dict[str, bytes]) -> str:
 class PredictorActor:
     """A Ray Data actor: loads the checkpoint once, predicts batches of images."""
 
-    def __init__(
-        self, checkpoint_files: dict[str, bytes], use_gpu: bool = False, num_threads: int = 1
-    ):
+    def __init__(self, checkpoint_ref: list, use_gpu: bool = False, num_threads: int = 1):
+        import ray
         import torch
 
         from pose2seg.checkpoint import load_checkpoint
@@ -74,7 +76,9 @@ class PredictorActor:
         from pose2seg.model import build_model
 
         torch.set_num_threads(max(1, num_threads))
-        loaded = load_checkpoint(unpack_dir(checkpoint_files))
+        # The files travel once through the object store (wrapped in a list so Ray hands the
+        # reference over instead of inlining megabytes of weights into the actor's arguments).
+        loaded = load_checkpoint(unpack_dir(ray.get(checkpoint_ref[0])))
         model = build_model(loaded.config.model)
         model.load_state_dict(loaded.model_state)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -150,7 +154,7 @@ def run_batch_inference(
     predicted = ds.map_batches(
         PredictorActor,
         fn_constructor_kwargs={
-            "checkpoint_files": files,
+            "checkpoint_ref": [ray.put(files)],
             "use_gpu": use_gpu,
             "num_threads": max(1, int(cpus)),
         },
