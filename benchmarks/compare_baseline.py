@@ -84,14 +84,16 @@ def summarise(outcome: Any, *, wall_s: float) -> dict[str, Any]:
 
 def compare(config: Config, *, archs: tuple[str, ...] = ARCHS) -> dict[str, dict[str, Any]]:
     """Train each arch with ``config`` (only ``model.arch`` differs) on an initialised Ray."""
-    from workflows.training import prepare_data, run_training
+    from workflows.training import new_run_name, prepare_data, run_training
 
     # Preprocess once (arch is not a preprocessing key: both read the same Parquet variant),
     # so neither wall time includes it.
     prepare_data(config)
     results: dict[str, dict[str, Any]] = {}
     for arch in archs:
-        arch_config = config.with_overrides({"model.arch": arch, "train.run_name": ""})
+        arch_config = config.with_overrides(
+            {"model.arch": arch, "train.run_name": new_run_name(f"compare-{arch}")}
+        )
         print(f"[compare] training {arch}", flush=True)
         start = time.perf_counter()
         outcome = run_training(arch_config, register=False)
