@@ -94,3 +94,9 @@ def test_preprocess_key_tracks_only_data_affecting_keys():
     )
     assert base.with_overrides({"model.roi_size": 32}).preprocess_key() != base.preprocess_key()
     assert base.with_overrides({"model.alignment": "box"}).preprocess_key() != base.preprocess_key()
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [key for key in Config().to_flat() if f"`{key}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
