@@ -65,13 +65,12 @@ REASON_PROCESSING_ERROR = "processing_error"
 REASON_BAD_IMAGE_SIZE = "bad_image_size"
 PARQUET_COMPRESSION = "zstd"
 # Variables forwarded to the Ray tasks so that workers started before they were set (or on
-# other nodes) reach the same S3 endpoint with the same credentials as the driver.
+# other nodes) reach the same S3 endpoint as the driver. Never credentials: Ray writes a task's
+# runtime_env into its logs (runtime_env_agent.log, ray-data/*.log); every node gets them from
+# its own environment or the cloud role.
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
@@ -826,6 +825,10 @@ def preprocess_dataset(
     return summary
 
 
+READ_CPUS: float = 0.25
+"""CPUs each Parquet read task of :func:`load_split` asks for."""
+
+
 def load_split(config: Config, split: str) -> Any:
     """The stored Parquet of one split as a lazy ``ray.data.Dataset`` (local or s3://).
 
@@ -842,6 +845,11 @@ def load_split(config: Config, split: str) -> Any:
         )
     fs, path = pyarrow_filesystem(uri)
     runtime_env = _runtime_env()
+    # Reads ask for a quarter CPU: Train workers and Tune trial drivers hold most CPUs of a
+    # small cluster, and a read task that waits for a whole free CPU would starve the run.
     return ray.data.read_parquet(
-        path, filesystem=fs, **({"runtime_env": runtime_env} if runtime_env else {})
+        path,
+        filesystem=fs,
+        num_cpus=READ_CPUS,
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     )

@@ -326,7 +326,9 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
 
     summary = preprocess_dataset(config, force=force)
     train = load_split(config, "train")
-    val = load_split(config, "val")
+    # The val split is read by every worker every epoch: materialise it once in the object
+    # store instead of re-running its read tasks (which also compete for CPUs) each time.
+    val = load_split(config, "val").materialize()
     import io
 
     templates = np.load(
@@ -469,7 +471,10 @@ def run_training(
             "pose2seg.resumed": str(bool(resume)),
         },
     )
-    print(f"[pose2seg] MLflow run {handle.run_id} in {handle.tracking_uri}", flush=True)
+    print(
+        f"[pose2seg] MLflow run {handle.run_id} in {tracking.redact_uri(handle.tracking_uri)}",
+        flush=True,
+    )
     trainer = build_trainer(
         config,
         data,
