@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ AP_TAG = "val_segm_ap"
 # Never logged: anything that looks like a credential (a user may pass one through --set by
 # mistake, and the environment holds them on a cluster).
 _SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+# The password of a URI's user info (``postgresql://user:PASSWORD@host/db``).
+_URI_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+
+
+def redact_uri(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``; other text unchanged."""
+    return _URI_PASSWORD.sub(r"\1***@", text)
 
 
 def resolve_tracking_uri(config: Config) -> str:
@@ -69,7 +77,7 @@ def loggable_params(flat: dict[str, Any]) -> dict[str, str]:
     """Flat config -> MLflow params, with anything credential-like masked."""
     out = {}
     for key, value in flat.items():
-        text = param_value(value)
+        text = redact_uri(param_value(value))
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             text = "***"
         out[key] = text[:6000]
