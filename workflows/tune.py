@@ -57,7 +57,9 @@ def trial_driver(params: dict[str, Any]) -> None:
     overrides = {k: v for k, v in params.items() if not k.startswith("__")}
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{params['__experiment']}-{trial_id}"
-    config = base.with_overrides({**overrides, "train.run_name": run_name})
+    # No in-trial retries: a diverging trial (NaN) fails the same way every time, and Tune
+    # reports a failed trial and carries on with the search.
+    config = base.with_overrides({**overrides, "train.run_name": run_name, "train.max_failures": 0})
     data = prepare_data(config)  # already preprocessed by the driver: this only opens the Parquet
     handle = tracking.start_run(
         config,
