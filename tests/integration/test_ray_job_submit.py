@@ -122,6 +122,13 @@ def ray_head():
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        # Other Ray instances on the machine hold the default ports (e.g. the dashboard
+        # agent's 52365: the Jobs API then answers "No available agent to submit job").
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
     ]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     url = f"http://127.0.0.1:{dash_port}"
@@ -165,15 +172,21 @@ def submit(head: dict, args: list[str], *, env_vars: dict[str, str] | None = Non
         *args,
     ]
     t0 = time.time()
-    done = subprocess.run(
-        cmd,
-        cwd=REPO_ROOT,
-        env=head["env"],
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT_S,
-    )
-    out = done.stdout + done.stderr
+    for _ in range(15):
+        done = subprocess.run(
+            cmd,
+            cwd=REPO_ROOT,
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT_S,
+        )
+        out = done.stdout + done.stderr
+        # Just after start-up the head's job agent may not be registered yet: nothing was
+        # submitted, so submitting again is safe.
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(2)
     match = re.search(r"Job '([^']+)' submitted successfully", out)
     assert match, out[-4000:]
     client = JobSubmissionClient(head["url"])
@@ -260,6 +273,9 @@ def test_preprocess_train_evaluate_tune_as_submitted_jobs(ray_head, job_config):
             "tune.grace_period": 1,
             "tune.name": "jobtune",
             "registry.register": "false",
+            # A trial driver plus two workers on a 2-CPU head must leave Ray Data room to read.
+            "tune.cpus_per_trial_driver": 0.25,
+            "train.cpus_per_worker": 0.25,
         }
     )
     logs = submit(ray_head, ["workflows/tune.py", *sets, *tune_sets])
