@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 def default_search_overrides() -> dict[str, Any]:
     """The no-argument search: 4 trials of a short schedule, sized for a 2-core machine."""
     return {
+        # Leave one whole CPU to Ray Data (its file-listing task asks for 1 CPU): trial driver
+        # 0.25 + 2 workers x 0.25 on a 2-core machine.
+        "train.cpus_per_worker": 0.25,
+        "tune.cpus_per_trial_driver": 0.25,
         "train.epochs": 4,
         "tune.grace_period": 2,
         "tune.search_space": {
