@@ -23,6 +23,10 @@ def searched(ray_session, tmp_path_factory):
         **{
             "train.epochs": 2,
             "train.num_workers": 1,
+            # Leave a whole CPU to Ray Data on the 2-CPU test cluster (its file listing asks
+            # for 1 CPU) while the previous trial's resources are being released.
+            "train.cpus_per_worker": 0.25,
+            "tune.cpus_per_trial_driver": 0.25,
             "train.optimizer": "sgd",
             "train.grad_clip_norm": 0.0,
             "tune.search_space": {"train.lr": [0.01, 1e30]},
