@@ -55,3 +55,14 @@ def run_main(fn, argv: list[str] | None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def resolve_model_and_connect(model_arg: str | None, config: Config, address: str | None) -> str:
+    """The model reference (default: the config's registered model and alias), with Ray
+    started and MLflow pointed at the config's tracking store."""
+    model_ref = model_arg or f"models:/{config.registry.model_name}@{config.registry.alias}"
+    init_ray(address)
+    from workflows.tracking import client_for, resolve_tracking_uri
+
+    client_for(resolve_tracking_uri(config))
+    return model_ref

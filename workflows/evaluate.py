@@ -27,7 +27,12 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from pose2seg.config import Config  # noqa: E402
-from workflows.common import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+from workflows.common import (  # noqa: E402
+    add_config_args,
+    config_from_args,
+    resolve_model_and_connect,
+    run_main,
+)
 
 
 class KeypointResultsError(ValueError):
@@ -309,11 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    model_ref = args.model or f"models:/{config.registry.model_name}@{config.registry.alias}"
-    init_ray(args.address)
-    from workflows.tracking import client_for, resolve_tracking_uri
-
-    client_for(resolve_tracking_uri(config))
+    model_ref = resolve_model_and_connect(args.model, config, args.address)
     out = run_evaluate(
         config,
         model_ref=model_ref,

@@ -6,39 +6,9 @@ import math
 
 import pytest
 
-from pose2seg.config import Config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_config(tmp_path, **extra) -> Config:
-    """The tiny dataset of test_train_workflow.py, with the baseline's arch."""
-    overrides = {
-        "data.root": str(tmp_path / "synthetic"),
-        "data.processed": str(tmp_path / "processed"),
-        "data.input_size": 96,
-        "data.images_per_shard": 8,
-        "data.synthetic_num_train": 16,
-        "data.synthetic_num_val": 8,
-        "data.synthetic_image_size": 96,
-        "data.synthetic_max_people": 3,
-        "model.arch": "maskrcnn",
-        "model.backbone_depth": 18,
-        "model.fpn_channels": 16,
-        "model.roi_size": 16,
-        "model.num_templates": 2,
-        "train.num_workers": 2,
-        "train.cpus_per_worker": 0.5,
-        "train.epochs": 1,
-        "train.batch_size": 4,
-        "train.warmup_steps": 2,
-        "train.storage_path": str(tmp_path / "runs"),
-        "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "registry.model_name": "pose2seg-baseline-test",
-        "eval.batch_size": 4,
-    }
-    overrides.update(extra)
-    return Config().with_overrides(overrides)
 
 
 def test_maskrcnn_trains_through_the_ray_loop_and_logs_to_mlflow(ray_session, tmp_path):
@@ -46,7 +16,14 @@ def test_maskrcnn_trains_through_the_ray_loop_and_logs_to_mlflow(ray_session, tm
 
     from workflows.training import run_training
 
-    config = tiny_config(tmp_path)
+    config = tiny_config(
+        tmp_path,
+        **{
+            "model.arch": "maskrcnn",
+            "train.epochs": 1,
+            "registry.model_name": "pose2seg-baseline-test",
+        },
+    )
     outcome = run_training(config)
 
     assert outcome.metrics["epoch"] == 1
