@@ -199,9 +199,7 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
             else "",
         }
         if result.error:
-            errors.append(
-                f"{row['trial']}: {type(result.error).__name__}: {str(result.error).splitlines()[0][:200]}"
-            )
+            errors.append(f"{row['trial']}: {root_cause(result.error)}")
         rows.append(row)
 
     report_dir = os.path.join(config.eval.output_dir, name)
@@ -243,6 +241,15 @@ def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register
             config, parent, model_uri, val_ap=best["val_segm_ap"]
         )
     return model_uri, registration
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) trial error."""
+    import re
+
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    return (causes[-1] if causes else f"{type(error).__name__}: {lines[0] if lines else ''}")[:300]
 
 
 def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: str) -> None:
