@@ -170,6 +170,7 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
     grid = tuner.fit()
     print(f"[pose2seg] search finished in {time.time() - t0:.0f} s", flush=True)
 
+    _close_trial_runs(parent, grid)
     rows, errors = [], []
     for result in grid:
         overrides = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
@@ -241,6 +242,23 @@ def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register
             config, parent, model_uri, val_ap=best["val_segm_ap"]
         )
     return model_uri, registration
+
+
+def _close_trial_runs(parent, grid) -> None:
+    """End the trials' MLflow runs that Tune stopped before their driver could (ASHA stops a
+    trial by ending its actor, so the code after ``fit()`` never runs)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=parent.tracking_uri)
+    errored = [os.path.basename(r.path) for r in grid if r.error]
+    running = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in running:
+        trial_id = run.data.tags.get("pose2seg.trial_id", "")
+        failed = bool(trial_id) and any(trial_id in path for path in errored)
+        client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def root_cause(error: BaseException) -> str:
