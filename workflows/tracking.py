@@ -237,7 +237,7 @@ def register_if_better(
     previous_version, previous_ap = None, None
     try:
         holder = client.get_model_version_by_alias(name, alias)
-        previous_version = holder.version
+        previous_version = str(holder.version)
         previous_ap = float(holder.tags.get(AP_TAG, "nan"))
     except MlflowException:
         holder = None
