@@ -48,9 +48,10 @@ def client_for(uri: str):
     import mlflow
     from mlflow import MlflowClient
 
-    # The pyfunc / registry helpers below use the fluent API's global URIs.
+    # The pyfunc / registry helpers below use the fluent API's global tracking URI; the
+    # registry follows it (setting a registry URI too would pin it for the whole process,
+    # and a later set_tracking_uri elsewhere would then load models from the wrong registry).
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -86,10 +86,8 @@ def test_alias_moves_only_for_a_better_model(trained):
     better = register_if_better(config, handle, outcome.model_uri, val_ap=holder_ap + 0.1)
     assert better.alias_moved
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    assert (
-        client.get_model_version_by_alias(config.registry.model_name, "champion").version
-        == better.version
-    )
+    holder = client.get_model_version_by_alias(config.registry.model_name, "champion")
+    assert str(holder.version) == better.version
 
 
 def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):

@@ -79,7 +79,7 @@ def test_mlflow_parent_child_runs_and_registered_best(searched):
     reg = outcome.registration
     assert reg is not None and reg.alias_moved
     version = client.get_model_version_by_alias(config.registry.model_name, config.registry.alias)
-    assert version.version == reg.version
+    assert str(version.version) == reg.version
     assert float(version.tags["val_segm_ap"]) == pytest.approx(
         outcome.best["val_segm_ap"], abs=1e-6
     )

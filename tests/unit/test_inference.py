@@ -84,9 +84,10 @@ def test_predictor_maps_the_roi_back_to_the_original_frame():
     results = predictor.predict(image, person(20, 10, 60)[None], image_id=7, boxes=boxes)
     assert len(results) == 1
     mask = mask_utils.decode({"size": [90, 120], "counts": results[0]["segmentation"]["counts"]})
-    # box_affine: a square of side 1.25 * 60 = 75 centred on the box centre (40, 40).
+    # The box baseline stretches like RoIAlign: the box enlarged by 1.25 (50 x 75) fills the
+    # RoI, centred on the box centre (40, 40).
     ys, xs = np.nonzero(mask)
-    assert abs(int(mask.sum()) - 75 * 75) < 0.05 * 75 * 75
+    assert abs(int(mask.sum()) - 50 * 75) < 0.05 * 50 * 75
     assert abs(xs.mean() - 40) < 1.0 and abs(ys.mean() - 40) < 1.0
     assert results[0]["score"] > 0.98  # mean probability; only the edge pixels are below 1
 
