@@ -71,6 +71,27 @@ def train_step(
     ):
         logits = _forward(model, batch)
     loss = mask_loss(logits.float(), batch.targets)
+    grad_norm = optimise(
+        model, loss, optimizer, scaler=scaler, grad_clip_norm=grad_clip_norm, step=step
+    )
+    return {"loss": float(loss.detach()), "num_people": batch.num_people, "grad_norm": grad_norm}
+
+
+def optimise(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip_norm: float,
+    step: int,
+) -> float:
+    """Check the loss, back-propagate (scaled for fp16), clip and step; returns the gradient
+    norm before clipping (NaN when clipping is disabled). Shared by every architecture's step.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite (before any parameter is updated).
+    """
     check_finite(loss, step=step)
     optimizer.zero_grad(set_to_none=True)
     grad_norm = float("nan")
@@ -87,7 +108,7 @@ def train_step(
         if grad_clip_norm > 0:
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
         optimizer.step()
-    return {"loss": float(loss.detach()), "num_people": batch.num_people, "grad_norm": grad_norm}
+    return grad_norm
 
 
 def predict_batch_logits(model: nn.Module, batch: PersonBatch) -> torch.Tensor:

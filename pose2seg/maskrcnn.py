@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from pose2seg.engine import optimise
 from pose2seg.inference import PERSON_CATEGORY_ID, encode_rle
-from pose2seg.loss import check_finite
 
 __all__ = [
     "MAX_DETECTIONS_PER_IMAGE",
@@ -227,21 +227,9 @@ def detection_train_step(
             "not a loss dict: is it in train mode?"
         )
     loss = sum(v.float() for v in loss_dict.values())
-    check_finite(loss, step=step)
-    optimizer.zero_grad(set_to_none=True)
-    grad_norm = float("nan")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if grad_clip_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if grad_clip_norm > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
-        optimizer.step()
+    grad_norm = optimise(
+        model, loss, optimizer, scaler=scaler, grad_clip_norm=grad_clip_norm, step=step
+    )
     stats: dict[str, float | int] = {
         "loss": float(loss.detach()),
         "num_people": batch.num_people,
