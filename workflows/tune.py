@@ -173,7 +173,7 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
     _close_trial_runs(parent, grid)
     rows, errors = [], []
     for result in grid:
-        overrides = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+        overrides = {k: v for k, v in _trial_params(result).items() if not k.startswith("__")}
         cfg = config.with_overrides(overrides)
         df = result.metrics_dataframe
         best_ap = float(df[METRIC].max()) if df is not None and METRIC in df else float("nan")
@@ -242,6 +242,21 @@ def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register
             config, parent, model_uri, val_ap=best["val_segm_ap"]
         )
     return model_uri, registration
+
+
+def _trial_params(result) -> dict[str, Any]:
+    """A trial's parameters; a restored errored trial has no ``config``, read its params.json."""
+    if result.config:
+        return dict(result.config)
+    try:
+        fs = getattr(result, "filesystem", None)
+        if fs is not None:
+            with fs.open_input_stream(f"{result.path}/params.json") as fh:
+                return json.loads(fh.read())
+        with open(os.path.join(result.path, "params.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
 
 
 def _close_trial_runs(parent, grid) -> None:

@@ -83,3 +83,15 @@ def test_mlflow_parent_child_runs_and_registered_best(searched):
     assert float(version.tags["val_segm_ap"]) == pytest.approx(
         outcome.best["val_segm_ap"], abs=1e-6
     )
+
+
+def test_rerunning_the_same_search_name_restores_it(searched, capsys):
+    from workflows.tune import run_tune
+
+    config, first = searched
+    again = run_tune(config, register=False)
+    assert "resuming the search" in capsys.readouterr().out
+    # The restored experiment holds the same two trials with the same outcomes: nothing re-ran.
+    assert sorted(r["trial"] for r in again.rows) == sorted(r["trial"] for r in first.rows)
+    assert {r["train.lr"]: r["status"] for r in again.rows} == {0.01: "OK", 1e30: "ERROR"}
+    assert again.experiment_path == first.experiment_path
