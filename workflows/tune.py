@@ -81,11 +81,9 @@ def trial_driver(params: dict[str, Any]) -> None:
         },
         callbacks=[TuneReportCallback()],
     )
-    try:
-        trainer.fit()
-    except Exception:
-        tracking.end_run(handle, status="FAILED")
-        raise
+    # No end_run on an exception here: when Tune stops a trial (ASHA, or at max_t) fit() may
+    # raise too; the driver ends every run from the trial's final status (_close_trial_runs).
+    trainer.fit()
     tracking.end_run(handle)
 
 
