@@ -43,6 +43,7 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     grad_clip_norm: float,
     step: int,
+    dice_weight: float = 0.0,
 ) -> dict[str, float | int]:
     """One optimisation step on ``batch`` (already on the model's device; model in train mode).
 
@@ -55,6 +56,7 @@ def train_step(
             None for fp32.
         grad_clip_norm: clip the global gradient norm to this (0 disables).
         step: global step number, named in the error when the loss is not finite.
+        dice_weight: weight of the per-person Dice term added to the BCE (``train.dice_weight``).
 
     Returns:
         ``{"loss": float, "num_people": int, "grad_norm": float}`` (grad_norm is NaN when
@@ -70,7 +72,7 @@ def train_step(
         device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         logits = _forward(model, batch)
-    loss = mask_loss(logits.float(), batch.targets)
+    loss = mask_loss(logits.float(), batch.targets, dice_weight=dice_weight)
     grad_norm = optimise(
         model, loss, optimizer, scaler=scaler, grad_clip_norm=grad_clip_norm, step=step
     )

@@ -44,6 +44,7 @@ def logits_to_instances(
     *,
     out_hw: tuple[int, int],
     threshold: float,
+    exclusive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp aligned mask logits back to an image frame, threshold them and score them.
 
@@ -53,6 +54,9 @@ def logits_to_instances(
             input->aligned composed with the original->input scale).
         out_hw: (H, W) of the output frame.
         threshold: probability above which a pixel belongs to the person.
+        exclusive: the P people are those of one image and their visible masks must not
+            overlap: a pixel above the threshold for several people goes only to the one with
+            the highest probability (ties to the first).
 
     Returns:
         masks: (P,H,W) bool; scores: (P,) float32, the mean probability inside the predicted mask
@@ -66,6 +70,9 @@ def logits_to_instances(
         torch.sigmoid(logits.float()), affines_img_to_aligned.float(), out_hw=out_hw
     )
     masks = probs > threshold
+    if exclusive and probs.shape[0] > 1:
+        owner = probs.argmax(dim=0)  # (H,W): the most likely person of each pixel
+        masks &= owner[None] == torch.arange(probs.shape[0], device=probs.device)[:, None, None]
     area = masks.flatten(1).sum(1)
     total = (probs * masks).flatten(1).sum(1)
     scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
@@ -239,6 +246,7 @@ class Predictor:
                 to_aligned,
                 out_hw=orig_hw,
                 threshold=self.config.mask_threshold,
+                exclusive=self.config.exclusive_masks,
             )
             for rle, score in zip(encode_rle(masks), scores.tolist(), strict=True):
                 results.append(

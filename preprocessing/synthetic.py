@@ -26,8 +26,9 @@ person drawn in the image (dropped people included, they are still in the pictur
 ``max_mask_iou`` is the same with full-body masks instead of boxes.
 
 The val split is made harder on purpose: every image has at least two people (when
-``max_people >= 2``) and it uses the overlap ``0.7 + 0.3 * overlap``, so that a large share of
-its people is heavily occluded (``max_iou >= 0.5``), as in OCHuman (mean MaxIoU 0.67).
+``max_people >= 2``) and it uses its own overlap ``val_overlap`` (by default ``0.7 + 0.3 *
+overlap``), so that a large share of its people is heavily occluded (``max_iou >= 0.5``), as in
+OCHuman (mean MaxIoU 0.67).
 """
 
 from __future__ import annotations
@@ -666,9 +667,12 @@ def coco_categories() -> list[dict[str, Any]]:
     ]
 
 
-def split_overlap(split: str, overlap: float) -> float:
-    """The overlap a split is generated with: val is pushed towards heavy occlusion."""
-    return overlap if split == "train" else 0.7 + 0.3 * overlap
+def split_overlap(split: str, overlap: float, val_overlap: float | None = None) -> float:
+    """The overlap a split is generated with: ``overlap`` for train; ``val_overlap`` for val,
+    by default pushed towards heavy occlusion (``0.7 + 0.3 * overlap``)."""
+    if split == "train":
+        return overlap
+    return 0.7 + 0.3 * overlap if val_overlap is None else val_overlap
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -686,6 +690,7 @@ def generate_split(
     overlap: float,
     seed: int,
     segmentation: str,
+    val_overlap: float | None = None,
 ) -> dict[str, Any]:
     """Write one split's images and annotation JSON under local ``root``; returns its stats."""
     image_dir = os.path.join(root, "images", split)
@@ -700,7 +705,7 @@ def generate_split(
             rng,
             image_size=image_size,
             max_people=max_people,
-            overlap=split_overlap(split, overlap),
+            overlap=split_overlap(split, overlap, val_overlap),
             min_people=2 if split == "val" else 1,
         )
         image_id = split_index * IMAGE_ID_STRIDE + index + 1
@@ -776,8 +781,12 @@ def generate_synthetic_dataset(
     overlap: float = 0.6,
     seed: int = 0,
     segmentation: str = "polygon",
+    val_overlap: float | None = None,
 ) -> dict[str, Any]:
     """Generate the synthetic dataset under ``root`` (local path or ``s3://`` URI).
+
+    ``overlap`` is the train split's; ``val_overlap`` the val split's (None: ``0.7 + 0.3 *
+    overlap``).
 
     Returns a summary: ``{"root", "params", "seconds", "images_per_second", "splits": {split:
     {"images", "people", "dropped_occluded", "dropped_no_keypoints", "mean_max_iou",
@@ -796,12 +805,16 @@ def generate_synthetic_dataset(
         raise ValueError(f"max_people must be >= 1, got {max_people}")
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap must be in [0, 1], got {overlap}")
+    val_overlap = split_overlap("val", overlap, val_overlap)
+    if not 0.0 <= val_overlap <= 1.0:
+        raise ValueError(f"val_overlap must be in [0, 1], got {val_overlap}")
     params = {
         "num_train": num_train,
         "num_val": num_val,
         "image_size": image_size,
         "max_people": max_people,
         "overlap": overlap,
+        "val_overlap": val_overlap,
         "seed": seed,
         "segmentation": segmentation,
         "generator_version": GENERATOR_VERSION,
@@ -840,6 +853,7 @@ def _generate_local(root: str, params: dict[str, Any]) -> dict[str, Any]:
             image_size=params["image_size"],
             max_people=params["max_people"],
             overlap=params["overlap"],
+            val_overlap=params["val_overlap"],
             seed=params["seed"],
             segmentation=params["segmentation"],
         )
@@ -857,6 +871,7 @@ def synthetic_params(config: Config) -> dict[str, Any]:
         "image_size": d.synthetic_image_size,
         "max_people": d.synthetic_max_people,
         "overlap": d.synthetic_overlap,
+        "val_overlap": d.synthetic_val_overlap,
         "seed": d.synthetic_seed,
         "segmentation": "polygon",
         "generator_version": GENERATOR_VERSION,

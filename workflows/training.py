@@ -9,6 +9,7 @@ validation with pycocotools on the full val split, checkpoints every epoch).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -75,6 +76,7 @@ def predict_rows(
             affines,
             out_hw=(int(row["orig_height"]), int(row["orig_width"])),
             threshold=config.model.mask_threshold,
+            exclusive=config.model.exclusive_masks,
         )
         for rle, score in zip(encode_rle(masks), scores.tolist(), strict=True):
             results.append(
@@ -154,6 +156,13 @@ def _maybe_inject_failure(loop_config: dict[str, Any], *, epoch: int, rank: int)
         raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
 
 
+def worker_threads(config: Config) -> int:
+    """Torch CPU threads of a training worker: ``train.torch_threads``, or its CPU share."""
+    if config.train.torch_threads > 0:
+        return config.train.torch_threads
+    return max(1, int(round(config.train.cpus_per_worker)))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker. ``loop_config``: ``config`` (flat dict), ``templates``
     (T,K,2 list), ``steps_per_epoch``, ``mlflow`` (RunHandle fields or None), test hooks."""
@@ -168,7 +177,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     config = Config.from_flat(loop_config["config"])
     templates = np.asarray(loop_config["templates"], dtype=np.float32)
-    collate_fn, step_fn = collate, train_step
+    collate_fn = collate
+    step_fn = functools.partial(train_step, dice_weight=config.train.dice_weight)
     if config.model.arch == "maskrcnn":
         # The baseline: same data, loop, budget and evaluation; its own batch layout and loss.
         from pose2seg.maskrcnn import collate_detection, detection_train_step
@@ -177,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.train.use_gpu:
-        torch.set_num_threads(max(1, int(round(config.train.cpus_per_worker))))
+        torch.set_num_threads(worker_threads(config))
     torch.manual_seed(config.train.seed)  # identical init on every rank (DDP broadcasts anyway)
     np.random.seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
@@ -216,6 +226,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 flush=True,
             )
 
+    if config.model.arch == "pose2seg":
+        # NHWC convolutions: ~10 % faster steps on CPU (oneDNN) in our measurements, and the
+        # layout tensor cores prefer on GPU. Weights only: activations follow the weights.
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -230,6 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _maybe_inject_failure(loop_config, epoch=epoch, rank=rank)
         t0 = time.time()
         losses, people, images = [], 0, 0
+        step_seconds = 0.0  # forward + backward + optimiser; the rest of the epoch is input
         for batch_np in train_shard.iter_batches(
             batch_size=config.train.batch_size,
             batch_format="numpy",
@@ -238,6 +253,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         ):
             rows = _decode_batch(batch_np)
             batch = collate_fn(rows, input_size=config.data.input_size).to(device)
+            t_step = time.time()
             stats = step_fn(
                 model,
                 batch,
@@ -248,6 +264,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 step=step,
             )
             scheduler.step()
+            step_seconds += time.time() - t_step
             step += 1
             losses.append(stats["loss"])
             people += int(stats["num_people"])
@@ -261,6 +278,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lr": float(optimizer.param_groups[0]["lr"]),
             "train_images_per_s_worker": images / max(train_seconds, 1e-9),
             "train_people_per_s_worker": people / max(train_seconds, 1e-9),
+            # Share of the training time this worker spent waiting for, decoding and
+            # collating batches (0 = the input pipeline never held the model up).
+            "train_input_fraction": 1.0 - step_seconds / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             **val,
         }
@@ -270,7 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
                 f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
-                f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  {epoch_seconds:.0f} s",
+                f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
+                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s",
                 flush=True,
             )
             if handle is not None:

@@ -20,6 +20,8 @@ def test_run_reports_every_epoch_and_a_real_ap(trained):
     assert 0.0 <= ap <= 1.0
     assert outcome.metrics["val_num_images"] == config.data.synthetic_num_val
     assert np.isfinite(outcome.history[-1]["train_loss"])
+    # The share of worker time spent on input is a real fraction, measured every epoch.
+    assert all(0.0 <= h["train_input_fraction"] < 1.0 for h in outcome.history)
 
 
 def test_mlflow_run_has_params_metrics_and_model(trained):

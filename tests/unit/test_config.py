@@ -70,6 +70,12 @@ def test_bad_values_name_their_key(tmp_path):
         load_config(None, ["train.epochs=abc"])
     with pytest.raises(ConfigError, match=r"train\.use_gpu"):
         Config.from_flat({"train.use_gpu": "maybe"})
+    with pytest.raises(ConfigError, match=r"train\.dice_weight"):
+        load_config(None, ["train.dice_weight=-1"])
+    with pytest.raises(ConfigError, match=r"train\.torch_threads"):
+        load_config(None, ["train.torch_threads=-2"])
+    with pytest.raises(ConfigError, match=r"data\.synthetic_val_overlap"):
+        load_config(None, ["data.synthetic_val_overlap=1.5"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle:\n  roi_size: 32\n")
     with pytest.raises(ConfigError, match="modle"):
@@ -94,6 +100,25 @@ def test_preprocess_key_tracks_only_data_affecting_keys():
     )
     assert base.with_overrides({"model.roi_size": 32}).preprocess_key() != base.preprocess_key()
     assert base.with_overrides({"model.alignment": "box"}).preprocess_key() != base.preprocess_key()
+    # The val split's overlap changes the generated data, so the variant too.
+    assert (
+        base.with_overrides({"data.synthetic_val_overlap": 0.5}).preprocess_key()
+        != base.preprocess_key()
+    )
+    assert base.with_overrides({"train.dice_weight": 0.0}).preprocess_key() == base.preprocess_key()
+
+
+def test_worker_threads_follow_the_cpu_share_unless_set():
+    from workflows.training import worker_threads
+
+    assert worker_threads(Config()) == 1  # 0.5 CPU -> at least one thread
+    assert worker_threads(Config().with_overrides({"train.cpus_per_worker": 4})) == 4
+    assert (
+        worker_threads(
+            Config().with_overrides({"train.cpus_per_worker": 1, "train.torch_threads": 2})
+        )
+        == 2
+    )
 
 
 def test_readme_documents_every_config_key():

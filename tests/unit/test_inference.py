@@ -64,6 +64,28 @@ def test_logits_to_instances_places_and_scores_masks():
     assert not masks[1].any() and float(scores[1]) == 0.0
 
 
+def test_exclusive_masks_give_each_pixel_to_one_person():
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).repeat(3, 1, 1)
+    logits = torch.full((3, 8, 8), -10.0)
+    logits[0, :, :5] = 2.0  # person 0: columns 0-4
+    logits[1, :, 3:] = 4.0  # person 1: columns 3-7, more confident on the shared columns 3-4
+    logits[2, 0, 0] = 1.0  # person 2: one pixel that person 0 holds with more confidence
+    shared, _ = logits_to_instances(logits, identity, out_hw=(8, 8), threshold=0.5)
+    assert shared[0, :, 3:5].all() and shared[1, :, 3:5].all() and shared[2, 0, 0]
+    masks, scores = logits_to_instances(
+        logits, identity, out_hw=(8, 8), threshold=0.5, exclusive=True
+    )
+    assert int((masks.sum(0) > 1).sum()) == 0  # no pixel has two owners
+    assert masks[0, 1:7, 1:3].all() and not masks[0, :, 3:].any()
+    assert masks[1, 1:7, 3:7].all()
+    assert not masks[2].any() and float(scores[2]) == 0.0
+    # One person: nothing to share, the same as the independent masks.
+    alone, _ = logits_to_instances(
+        logits[:1], identity[:1], out_hw=(8, 8), threshold=0.5, exclusive=True
+    )
+    assert torch.equal(alone[0], shared[0])
+
+
 def test_input_frame_size():
     assert input_frame_size((480, 640), 256) == (0.4, 192, 256)
     assert input_frame_size((100, 50), 64) == (0.64, 64, 32)
@@ -77,7 +99,8 @@ class ConstantLogits(nn.Module):
 
 
 def test_predictor_maps_the_roi_back_to_the_original_frame():
-    config = dataclasses.replace(TINY, alignment="box")
+    # At probability 0.5 the warped-back RoI edge is the geometric one (bilinear edges).
+    config = dataclasses.replace(TINY, alignment="box", mask_threshold=0.5)
     predictor = Predictor(ConstantLogits(), STANDING[None], config, input_size=64)
     image = np.zeros((90, 120, 3), np.uint8)
     boxes = np.array([[20.0, 10.0, 40.0, 60.0]])

@@ -11,7 +11,7 @@ import torchvision
 
 from pose2seg.batch import collate
 from pose2seg.config import ModelConfig
-from pose2seg.loss import check_finite, mask_loss
+from pose2seg.loss import check_finite, dice_loss, mask_loss
 from pose2seg.model import Pose2Seg, build_model, count_parameters
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 
@@ -144,6 +144,28 @@ def test_mask_loss_value_and_checks():
     with pytest.raises(FloatingPointError, match="step 7"):
         check_finite(torch.tensor(float("nan")), step=7)
     check_finite(torch.tensor(1.0), step=0)
+
+
+def test_dice_term_scores_whole_masks():
+    targets = torch.zeros(2, 8, 8)
+    targets[:, 2:6, 2:6] = 1.0
+    right = torch.where(targets > 0, 20.0, -20.0)
+    # Hand-computed: a perfect mask scores (2*16 + 1) / (16 + 16 + 1) = 1, so the loss is 0.
+    assert float(dice_loss(right, targets)) == pytest.approx(0.0, abs=1e-6)
+    # The complement: no overlap, so 1 - 1 / (48 + 16 + 1).
+    assert float(dice_loss(-right, targets)) == pytest.approx(1.0 - 1.0 / 65.0, abs=1e-6)
+    # Half the person predicted: dice = (2*8 + 1) / (8 + 16 + 1).
+    half = right.clone()
+    half[:, 2:4, :] = -20.0
+    assert float(dice_loss(half, targets)) == pytest.approx(1.0 - 17.0 / 25.0, abs=1e-6)
+    logits = torch.zeros(2, 8, 8, requires_grad=True)
+    bce = mask_loss(logits, targets)
+    both = mask_loss(logits, targets, dice_weight=0.5)
+    assert float(both) == pytest.approx(float(bce) + 0.5 * float(dice_loss(logits, targets)))
+    both.backward()
+    assert float(logits.grad.abs().sum()) > 0.0
+    # P = 0 stays an exact zero with the Dice term on.
+    assert float(mask_loss(torch.zeros(0, 8, 8), torch.zeros(0, 8, 8), dice_weight=1.0)) == 0.0
 
 
 def test_pretrained_backbone_loads_from_a_local_file(tmp_path):

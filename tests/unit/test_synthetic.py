@@ -212,6 +212,33 @@ def test_overlap_controls_occlusion(tmp_path):
     assert means[0] < 0.15 < 0.4 < means[1]
 
 
+def test_val_overlap_is_its_own_setting(tmp_path):
+    assert synthetic.split_overlap("val", 0.6) == pytest.approx(0.88)
+    assert synthetic.split_overlap("val", 0.6, 0.1) == 0.1
+    assert synthetic.split_overlap("train", 0.6, 0.1) == 0.6
+    means = []
+    for val_overlap in (0.0, 1.0):
+        summary = generate_synthetic_dataset(
+            str(tmp_path / str(val_overlap)),
+            num_train=1,
+            num_val=30,
+            image_size=128,
+            max_people=3,
+            overlap=0.5,
+            val_overlap=val_overlap,
+            seed=1,
+        )
+        assert summary["params"]["val_overlap"] == val_overlap
+        means.append(summary["splits"]["val"]["mean_max_iou"])
+    assert means[0] < 0.4 < means[1]
+    with pytest.raises(ValueError, match="val_overlap"):
+        generate_synthetic_dataset(str(tmp_path / "bad"), num_train=1, num_val=1, val_overlap=1.5)
+    # The config's keys reach the generator (and so the dataset's identity).
+    config = Config.from_flat({"data.synthetic_overlap": 0.3, "data.synthetic_val_overlap": 0.9})
+    assert synthetic.synthetic_params(config)["val_overlap"] == 0.9
+    assert synthetic.synthetic_params(config)["overlap"] == 0.3
+
+
 def test_polygons_reproduce_rle_masks(polygon_set, rle_set):
     root, _ = polygon_set
     for split in ("train", "val"):
