@@ -129,13 +129,26 @@ class CocoPersonDataset:
         annotations_uri: the COCO JSON (local path or ``s3://``).
         images_uri: the folder (or prefix) holding the images named by ``file_name``.
         split: the split name written into rejections (``train``, ``val``, ...).
+        data: the already-parsed COCO dict (e.g. a :meth:`subset_json` shipped with a shard
+            task); None reads and parses ``annotations_uri``, which then only names the data.
     """
 
-    def __init__(self, annotations_uri: str, images_uri: str, *, split: str) -> None:
+    def __init__(
+        self,
+        annotations_uri: str,
+        images_uri: str,
+        *,
+        split: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         self.annotations_uri = annotations_uri
         self.images_uri = images_uri
         self.split = split
-        data = load_coco_json(annotations_uri)
+        if data is None:
+            data = load_coco_json(annotations_uri)
+        self._categories = data.get("categories")
+        self.raw_annotations: list[Any] = data["annotations"]
+        """Every annotation of the file, as parsed (also those naming no known image)."""
         self._images: dict[int, dict[str, Any]] = {}
         for index, info in enumerate(data["images"]):
             self._images[self._image_id(info, index)] = self._check_image(info, index)
@@ -207,6 +220,17 @@ class CocoPersonDataset:
                 f"{self.annotations_uri}: 'categories' has no category named 'person'"
             )
         return ids
+
+    def subset_json(self, image_ids: list[int]) -> str:
+        """A COCO JSON of just these images and their annotations (same categories): what a
+        shard task needs, so that workers do not parse the whole annotation file."""
+        return json.dumps(
+            {
+                "images": [self._images[i] for i in image_ids],
+                "annotations": [a for i in image_ids for a in self._anns[i]],
+                "categories": self._categories,
+            }
+        )
 
     # ---------------------------------------------------------------------------------------
     @property

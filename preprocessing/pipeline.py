@@ -372,10 +372,21 @@ def process_shard(
     """Ray Data UDF: a batch of shard items ``{"shard": int, "image_ids": list}`` (pyarrow) ->
     the shard's image rows (a pyarrow Table of ``schema.SCHEMA``). Writes the shard's rejects
     to ``rejects_dir/<split>-<shard>.parquet`` (always, even when empty)."""
+    from preprocessing.coco import CocoPersonDataset
+
     rows: list[dict[str, Any]] = []
     for item in batch.to_pylist():
         rejects: list[dict[str, Any]] = []
-        reader = _reader(annotations_uri, images_uri, settings.split, fingerprint)
+        if item.get("coco_json"):
+            # The shard's own images and annotations, shipped by the driver.
+            reader = CocoPersonDataset(
+                annotations_uri,
+                images_uri,
+                split=settings.split,
+                data=json.loads(item["coco_json"]),
+            )
+        else:
+            reader = _reader(annotations_uri, images_uri, settings.split, fingerprint)
         for image_id in item["image_ids"]:
             record, reader_rejects = reader.read(int(image_id))
             rejects.extend(_as_reject_dict(r) for r in reader_rejects)
@@ -494,14 +505,17 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
-def _train_keypoints(annotations_uri: str) -> np.ndarray:
-    """``(N, K, 3)`` keypoints of the non-crowd people of a COCO JSON (no pixels read)."""
-    try:
-        data = json.loads(read_bytes(annotations_uri).decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{annotations_uri}: not valid JSON ({exc})") from None
+def _train_keypoints(annotations_uri: str, annotations: list[Any] | None = None) -> np.ndarray:
+    """``(N, K, 3)`` keypoints of the non-crowd people of a COCO JSON (no pixels read), or of
+    its already-parsed ``annotations``."""
+    if annotations is None:
+        try:
+            data = json.loads(read_bytes(annotations_uri).decode("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{annotations_uri}: not valid JSON ({exc})") from None
+        annotations = data.get("annotations", [])
     people = []
-    for ann in data.get("annotations", []):
+    for ann in annotations:
         kp = ann.get("keypoints")
         if ann.get("iscrowd", 0) or not kp or len(kp) != NUM_KEYPOINTS * 3:
             continue
@@ -515,13 +529,18 @@ def _train_keypoints(annotations_uri: str) -> np.ndarray:
     return np.stack(people)
 
 
-def ensure_templates(config: Config, *, force: bool = False) -> np.ndarray:
-    """Fit the pose templates on the train split's keypoints once (``templates.npy``)."""
+def ensure_templates(
+    config: Config, *, force: bool = False, train_reader: Any = None
+) -> np.ndarray:
+    """Fit the pose templates on the train split's keypoints once (``templates.npy``);
+    ``train_reader`` (a parsed train split) spares parsing its JSON again."""
     uri = join(variant_dir(config), TEMPLATES_FILE)
     if not force and exists(uri):
         return np.load(io.BytesIO(read_bytes(uri)))
     annotations_uri, _ = raw_paths(config, "train")
-    keypoints = _train_keypoints(annotations_uri)
+    keypoints = _train_keypoints(
+        annotations_uri, None if train_reader is None else train_reader.raw_annotations
+    )
     templates = fit_pose_templates(
         keypoints, num_templates=config.model.num_templates, seed=TEMPLATE_SEED
     )
@@ -597,22 +616,40 @@ def _stored_rejects(rejects_dir: str, split: str) -> list[dict[str, Any]]:
     return out
 
 
+def _split_reader(config: Config, split: str) -> Any:
+    from preprocessing.coco import CocoPersonDataset
+
+    annotations_uri, images_uri = raw_paths(config, split)
+    return CocoPersonDataset(annotations_uri, images_uri, split=split)
+
+
 def _run_split(
-    config: Config, split: str, templates: np.ndarray, *, num_cpus_per_task: float
+    config: Config,
+    split: str,
+    templates: np.ndarray,
+    *,
+    num_cpus_per_task: float,
+    reader: Any = None,
 ) -> tuple[SplitSummary, Counter[str]]:
-    """Build one split; returns its summary and the compressed bytes per Parquet column."""
+    """Build one split; returns its summary and the compressed bytes per Parquet column.
+    ``reader``: the split already parsed (else it is parsed here)."""
     import ray
 
     start = time.perf_counter()
     annotations_uri, images_uri = raw_paths(config, split)
-    from preprocessing.coco import CocoPersonDataset
-
     fingerprint = annotations_fingerprint(annotations_uri)
-    reader = CocoPersonDataset(annotations_uri, images_uri, split=split)
+    if reader is None:
+        reader = _split_reader(config, split)
     image_ids = [int(i) for i in reader.image_ids]
     per_shard = config.data.images_per_shard
+    # Each shard carries its own images' annotations: the annotation file is parsed once, on
+    # the driver, not again in every worker process (a COCO-size JSON is hundreds of MB).
     items = [
-        {"shard": s, "image_ids": image_ids[i : i + per_shard]}
+        {
+            "shard": s,
+            "image_ids": image_ids[i : i + per_shard],
+            "coco_json": reader.subset_json(image_ids[i : i + per_shard]),
+        }
         for s, i in enumerate(range(0, len(image_ids), per_shard))
     ]
     out_uri = processed_dir(config, split)
@@ -769,12 +806,17 @@ def preprocess_dataset(
         else:
             os.remove(meta_uri)
 
-    templates = ensure_templates(config, force=force)
+    train_reader = _split_reader(config, "train")  # parsed once: templates + train shards
+    templates = ensure_templates(config, force=force, train_reader=train_reader)
     results: dict[str, SplitSummary] = {}
     column_bytes: Counter[str] = Counter()
     for split in splits:
         results[split], split_bytes = _run_split(
-            config, split, templates, num_cpus_per_task=num_cpus_per_task
+            config,
+            split,
+            templates,
+            num_cpus_per_task=num_cpus_per_task,
+            reader=train_reader if split == "train" else None,
         )
         column_bytes.update(split_bytes)
     # Splits built earlier for this variant and not rebuilt now stay in the summary.

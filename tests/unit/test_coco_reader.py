@@ -86,6 +86,24 @@ def test_reads_every_image_and_person_of_the_sample(sample):
     assert all((p.keypoints == 0).all() for p in no_kp)
 
 
+def test_a_shard_subset_reads_like_the_whole_file(sample):
+    ids = sample.image_ids[1:3]
+    part = CocoPersonDataset(
+        sample.annotations_uri,
+        sample.images_uri,
+        split="train",
+        data=json.loads(sample.subset_json(ids)),
+    )
+    assert part.image_ids == sorted(ids)
+    for image_id in ids:
+        whole, whole_rejects = sample.read(image_id)
+        piece, piece_rejects = part.read(image_id)
+        assert [p.annotation_id for p in piece.people] == [p.annotation_id for p in whole.people]
+        for a, b in zip(piece.people, whole.people, strict=True):
+            assert np.array_equal(a.mask, b.mask) and np.array_equal(a.keypoints, b.keypoints)
+        assert len(piece_rejects) == len(whole_rejects)
+
+
 def test_sample_ground_truth_round_trips_to_ap_1(sample, coco_sample_dir):
     assert segm_ap_of_ground_truth(sample, str(coco_sample_dir / SAMPLE_JSON)) == pytest.approx(1.0)
 
