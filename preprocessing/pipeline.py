@@ -317,33 +317,6 @@ def process_image(
 # Shard task (runs in Ray workers)
 # --------------------------------------------------------------------------------------------
 
-_READERS: dict[tuple[str, str, str, str], Any] = {}
-
-
-def annotations_fingerprint(uri: str) -> str:
-    """Changes whenever the annotation file does (local: mtime and size; S3: the ETag)."""
-    if is_remote(uri):
-        from preprocessing.storage import s3_client, split_s3
-
-        bucket, key = split_s3(uri)
-        return str(s3_client().head_object(Bucket=bucket, Key=key).get("ETag", ""))
-    stat = os.stat(uri)
-    return f"{stat.st_mtime_ns}-{stat.st_size}"
-
-
-def _reader(annotations_uri: str, images_uri: str, split: str, fingerprint: str) -> Any:
-    """The split's reader, cached per worker process (workers are reused across shards, so
-    the annotation JSON is parsed once per process, not once per shard). ``fingerprint``
-    (:func:`annotations_fingerprint`, taken by the driver) keeps a regenerated dataset at the
-    same path from being served stale by a warm worker."""
-    from preprocessing.coco import CocoPersonDataset
-
-    key = (annotations_uri, images_uri, split, fingerprint)
-    if key not in _READERS:
-        _READERS.clear()
-        _READERS[key] = CocoPersonDataset(annotations_uri, images_uri, split=split)
-    return _READERS[key]
-
 
 def _as_reject_dict(rejection: Any) -> dict[str, Any]:
     if isinstance(rejection, dict):
@@ -367,7 +340,6 @@ def process_shard(
     templates: np.ndarray,
     settings: ShardSettings,
     rejects_dir: str,
-    fingerprint: str = "",
 ) -> Any:
     """Ray Data UDF: a batch of shard items ``{"shard": int, "image_ids": list}`` (pyarrow) ->
     the shard's image rows (a pyarrow Table of ``schema.SCHEMA``). Writes the shard's rejects
@@ -377,16 +349,11 @@ def process_shard(
     rows: list[dict[str, Any]] = []
     for item in batch.to_pylist():
         rejects: list[dict[str, Any]] = []
-        if item.get("coco_json"):
-            # The shard's own images and annotations, shipped by the driver.
-            reader = CocoPersonDataset(
-                annotations_uri,
-                images_uri,
-                split=settings.split,
-                data=json.loads(item["coco_json"]),
-            )
-        else:
-            reader = _reader(annotations_uri, images_uri, settings.split, fingerprint)
+        # The shard's own images and annotations, shipped by the driver: workers never parse
+        # the whole annotation file.
+        reader = CocoPersonDataset(
+            annotations_uri, images_uri, split=settings.split, data=json.loads(item["coco_json"])
+        )
         for image_id in item["image_ids"]:
             record, reader_rejects = reader.read(int(image_id))
             rejects.extend(_as_reject_dict(r) for r in reader_rejects)
@@ -505,15 +472,9 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
-def _train_keypoints(annotations_uri: str, annotations: list[Any] | None = None) -> np.ndarray:
-    """``(N, K, 3)`` keypoints of the non-crowd people of a COCO JSON (no pixels read), or of
-    its already-parsed ``annotations``."""
-    if annotations is None:
-        try:
-            data = json.loads(read_bytes(annotations_uri).decode("utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{annotations_uri}: not valid JSON ({exc})") from None
-        annotations = data.get("annotations", [])
+def _train_keypoints(annotations_uri: str, annotations: list[Any]) -> np.ndarray:
+    """``(N, K, 3)`` keypoints of the non-crowd people among the parsed ``annotations`` of
+    ``annotations_uri`` (named in errors)."""
     people = []
     for ann in annotations:
         kp = ann.get("keypoints")
@@ -529,18 +490,14 @@ def _train_keypoints(annotations_uri: str, annotations: list[Any] | None = None)
     return np.stack(people)
 
 
-def ensure_templates(
-    config: Config, *, force: bool = False, train_reader: Any = None
-) -> np.ndarray:
-    """Fit the pose templates on the train split's keypoints once (``templates.npy``);
-    ``train_reader`` (a parsed train split) spares parsing its JSON again."""
+def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) -> np.ndarray:
+    """Fit the pose templates on the keypoints of ``train_reader`` (the parsed train split)
+    once (``templates.npy``)."""
     uri = join(variant_dir(config), TEMPLATES_FILE)
     if not force and exists(uri):
         return np.load(io.BytesIO(read_bytes(uri)))
     annotations_uri, _ = raw_paths(config, "train")
-    keypoints = _train_keypoints(
-        annotations_uri, None if train_reader is None else train_reader.raw_annotations
-    )
+    keypoints = _train_keypoints(annotations_uri, train_reader.raw_annotations)
     templates = fit_pose_templates(
         keypoints, num_templates=config.model.num_templates, seed=TEMPLATE_SEED
     )
@@ -637,7 +594,6 @@ def _run_split(
 
     start = time.perf_counter()
     annotations_uri, images_uri = raw_paths(config, split)
-    fingerprint = annotations_fingerprint(annotations_uri)
     if reader is None:
         reader = _split_reader(config, split)
     image_ids = [int(i) for i in reader.image_ids]
@@ -682,7 +638,6 @@ def _run_split(
                 "templates": templates,
                 "settings": ShardSettings.from_config(config, split),
                 "rejects_dir": rejects_dir,
-                "fingerprint": fingerprint,
             },
         )
         ds.write_parquet(
@@ -807,7 +762,7 @@ def preprocess_dataset(
             os.remove(meta_uri)
 
     train_reader = _split_reader(config, "train")  # parsed once: templates + train shards
-    templates = ensure_templates(config, force=force, train_reader=train_reader)
+    templates = ensure_templates(config, train_reader, force=force)
     results: dict[str, SplitSummary] = {}
     column_bytes: Counter[str] = Counter()
     for split in splits:
