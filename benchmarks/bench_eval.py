@@ -8,7 +8,7 @@ Timed on the same ground truth and results, median of ``--repeats`` after a warm
 
 1. pycocotools alone: ``COCO()`` from the dict + ``createIndex``, ``loadRes``, ``COCOeval(segm)``
    ``evaluate`` / ``accumulate`` / ``summarize``;
-2. ours: ``workflows.evaluation.coco_segm_metrics`` (the same, behind copies and checks) and
+2. ours: ``workflows.coco_metrics.coco_segm_metrics`` (the same, behind copies and checks) and
    ``occlusion_breakdown`` over ``eval.occlusion_bins`` (one COCOeval per MaxIoU bin).
 
 The script asserts that the six AP figures of (1) and (2) are identical and prints both.
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     config = common.config_from_args(args)
 
     from preprocessing.schema import gt_to_coco
-    from workflows.evaluation import METRIC_NAMES, coco_segm_metrics, occlusion_breakdown
+    from workflows.coco_metrics import METRIC_NAMES, coco_segm_metrics, occlusion_breakdown
 
     machine = common.machine_info()
     common.print_header("evaluation: ours vs pycocotools alone", machine)

@@ -7,7 +7,7 @@ val split (default: the synthetic one, generated if absent; ground-truth keypoin
    actor does per image), on images decoded beforehand, ``--threads`` torch threads (default 1,
    what an inference actor uses on CPU); also ``Predictor.predict_batch`` with
    ``eval.batch_size`` images per call;
-2. the Ray Data path of ``predict.py`` and ``evaluate.py``: ``workflows.inference.
+2. the Ray Data path of ``predict.py`` and ``evaluate.py``: ``workflows.batch_inference.
    run_batch_inference`` on a local Ray instance, reading the image files, with a checkpoint
    written by ``pose2seg.checkpoint.save_checkpoint``. Its figure is end to end: actor start-up
    and model loading are inside it, as they are for a predict.py run.
@@ -41,7 +41,7 @@ def load_items(config, max_images: int) -> list:
 
     from preprocessing.pipeline import raw_paths
     from preprocessing.storage import join, read_bytes
-    from workflows.inference import InferenceItem
+    from workflows.batch_inference import InferenceItem
 
     if config.data.source == "synthetic":
         from preprocessing.synthetic import ensure_synthetic_dataset
@@ -121,7 +121,7 @@ def bench_in_process(model, templates, config, images, items, *, device, repeats
 
 
 def bench_ray(items, config, checkpoint_dir, *, actors, use_gpu, repeats):
-    from workflows.inference import run_batch_inference
+    from workflows.batch_inference import run_batch_inference
 
     runs = []
     for _ in range(repeats):

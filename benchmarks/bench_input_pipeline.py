@@ -1,9 +1,9 @@
 """Benchmark of the training input pipeline against the model's step rate (a script, not a test).
 
 What one Ray Train worker's data side does, without the model: Ray Data reads the preprocessed
-training Parquet (``preprocessing.pipeline.load_split`` via ``workflows.training.prepare_data``),
+training Parquet (``preprocessing.pipeline.load_split`` via ``workflows.train_loop.prepare_data``),
 ``iter_batches(batch_format="numpy")`` with the training loop's local shuffle, then
-``workflows.training._decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
+``workflows.train_loop._decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
 PersonBatch, consumed by ONE consumer in this process. Measured per epoch (median of
 ``--epochs`` after a warm-up epoch) on a local Ray instance with ``--num-cpus`` CPUs:
 
@@ -43,7 +43,7 @@ def _iterate(ds, config, *, epoch: int, decode: bool) -> dict:
     """One pass over ``ds`` as the training loop does: images, people and when the first batch
     arrived (``perf_counter``), to tell the per-epoch start-up from the steady rate."""
     from pose2seg.batch import collate
-    from workflows.training import _decode_batch
+    from workflows.train_loop import _decode_batch
 
     bs = config.train.batch_size
     images = people = first_images = 0
@@ -104,7 +104,7 @@ def bench_ray_pass(ds, config, *, epochs: int, decode: bool) -> dict:
 def bench_consumer(numpy_batches: list, config, *, repeats: int) -> dict:
     """decode + collate alone on batches held in memory (this process, CPU time)."""
     from pose2seg.batch import collate
-    from workflows.training import _decode_batch
+    from workflows.train_loop import _decode_batch
 
     images = sum(len(b["image_id"]) for b in numpy_batches)
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from workflows.training import prepare_data
+    from workflows.train_loop import prepare_data
 
     common.start_ray(args.num_cpus)
     try:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from pose2seg.batch import collate
-    from workflows.training import _decode_batch
+    from workflows.train_loop import _decode_batch
 
     batches = [
         collate(_decode_batch(b), input_size=config.data.input_size) for b in numpy_batches[:4]

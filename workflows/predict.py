@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 
 from pose2seg.config import Config  # noqa: E402
-from workflows.common import (  # noqa: E402
+from workflows.cli import (  # noqa: E402
     add_config_args,
     config_from_args,
     resolve_model_and_connect,
@@ -34,8 +34,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def _items_from_keypoints(doc: Any, images_uri: str, *, source: str):
     from preprocessing.storage import join, list_files
-    from workflows.evaluate import gt_keypoints, results_keypoints
-    from workflows.inference import InferenceItem
+    from workflows.batch_inference import InferenceItem
+    from workflows.eval_io import gt_keypoints, results_keypoints
 
     if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
         kps = gt_keypoints(doc)
@@ -78,8 +78,8 @@ def run_predict(
 ) -> dict[str, Any]:
     """Predict, write ``results.json`` and overlays; returns a summary dict."""
     from preprocessing.storage import read_bytes
-    from workflows.evaluate import write_overlays
-    from workflows.inference import run_batch_inference
+    from workflows.batch_inference import run_batch_inference
+    from workflows.eval_io import write_overlays
 
     try:
         doc = json.loads(read_bytes(keypoints_uri))

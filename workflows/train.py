@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # `python workflows/train.py` from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workflows.common import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+from workflows.cli import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         config = config.with_overrides({"train.run_name": args.resume})
     init_ray(args.address)
-    from workflows.training import run_training
+    from workflows.train_loop import run_training
 
     outcome = run_training(config, resume=args.resume, register=False if args.no_register else None)
     print_outcome(outcome)

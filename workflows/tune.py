@@ -4,7 +4,7 @@
     python workflows/tune.py --config configs/X.yaml --set 'tune.search_space={"model.roi_size": [32, 64]}'
     python workflows/tune.py --config configs/X.yaml --set tune.name=NAME   # resumes NAME if it exists
 
-Each trial is a Ray Train run (``workflows.training.build_trainer``) driven from a Tune trial,
+Each trial is a Ray Train run (``workflows.train_loop.build_trainer``) driven from a Tune trial,
 reported to Tune per epoch (ASHA stops weak trials on val AP), logged as an MLflow child run of
 one parent run. At the end: an ablation table (markdown + CSV) and a plot, logged to MLflow and
 written to ``eval.output_dir``, and the best trial's model registered (alias moved only if it
@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pose2seg.config import PREPROCESS_KEYS, Config  # noqa: E402
-from workflows.common import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+from workflows.cli import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
 
 METRIC = "val_segm_ap"
 
@@ -50,8 +50,8 @@ def trial_driver(params: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows import tracking
-    from workflows.training import build_trainer, prepare_data
+    from workflows import mlflow_tracking as tracking
+    from workflows.train_loop import build_trainer, prepare_data
 
     base = Config.from_flat(params["__base"])
     overrides = {k: v for k, v in params.items() if not k.startswith("__")}
@@ -102,7 +102,7 @@ class TuneOutcome:
 
 
 def _storage(config: Config) -> tuple[str, Any]:
-    from workflows.training import _storage_filesystem, _storage_path
+    from workflows.train_loop import _storage_filesystem, _storage_path
 
     return _storage_path(config.train.storage_path), _storage_filesystem(config.train.storage_path)
 
@@ -113,8 +113,8 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
     from ray.tune.schedulers import ASHAScheduler
 
     from pose2seg.model import build_model, count_parameters
-    from workflows import tracking
-    from workflows.training import new_run_name, prepare_data
+    from workflows import mlflow_tracking as tracking
+    from workflows.train_loop import new_run_name, prepare_data
 
     for variant in preprocessing_variants(config):
         prepare_data(variant)  # preprocess each data variant once, before trials race for it
@@ -227,7 +227,7 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
 def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register: bool | None):
     import ray.train
 
-    from workflows import tracking
+    from workflows import mlflow_tracking as tracking
 
     if not best["checkpoint_path"]:
         return None, None

@@ -37,7 +37,7 @@ def evaluated(trained, tmp_path_factory):
 
 
 def test_printed_ap_is_pycocotools_on_the_results_file(evaluated):
-    from workflows.evaluate import split_paths
+    from workflows.eval_io import split_paths
 
     config, _, out = evaluated
     annotations, _ = split_paths(config, "val")
@@ -64,7 +64,8 @@ def test_occlusion_table_overlays_and_mlflow_run(evaluated):
 
 
 def test_predicted_keypoints_file_gives_the_same_masks_as_gt(evaluated, tmp_path):
-    from workflows.evaluate import run_evaluate, split_paths
+    from workflows.eval_io import split_paths
+    from workflows.evaluate import run_evaluate
 
     config, model_ref, out = evaluated
     annotations, _ = split_paths(config, "val")
@@ -83,14 +84,15 @@ def test_predicted_keypoints_file_gives_the_same_masks_as_gt(evaluated, tmp_path
 
 
 def test_bad_keypoint_results_are_named(evaluated, tmp_path):
-    from workflows.evaluate import KeypointResultsError, run_evaluate
+    from workflows.eval_io import KeypointResultsError
+    from workflows.evaluate import run_evaluate
 
     config, model_ref, _ = evaluated
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps([{"image_id": 987654, "keypoints": [0] * 51, "score": 1}]))
     with pytest.raises(KeypointResultsError, match="987654"):
         run_evaluate(config, model_ref=model_ref, keypoints=str(unknown), log_to_mlflow=False)
-    from workflows.evaluate import split_paths
+    from workflows.eval_io import split_paths
 
     first_id = json.loads(open(split_paths(config, "val")[0]).read())["images"][0]["id"]
     malformed = tmp_path / "malformed.json"

@@ -145,7 +145,7 @@ def _run_pipeline(spec: dict) -> dict:
     from preprocessing.synthetic import ensure_synthetic_dataset
     from workflows.evaluate import run_evaluate
     from workflows.preprocess import run_preprocess
-    from workflows.training import run_training
+    from workflows.train_loop import run_training
 
     config = Config.from_flat(spec["config"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
@@ -350,7 +350,7 @@ def test_no_secret_in_tracking_storage_files_or_output(secret_env, bucket, mlflo
 
 def test_config_holds_no_credentials_and_params_are_masked():
     from pose2seg.config import Config
-    from workflows.tracking import _SECRET_MARKERS, loggable_params
+    from workflows.mlflow_tracking import _SECRET_MARKERS, loggable_params
 
     flat = Config().to_flat()
     # No configuration key is a credential: they come from the environment or the cloud role.

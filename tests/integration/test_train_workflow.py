@@ -76,7 +76,7 @@ def test_registered_model_loads_by_alias_and_predicts(trained, coco_sample_dir):
 def test_alias_moves_only_for_a_better_model(trained):
     from mlflow import MlflowClient
 
-    from workflows.tracking import RunHandle, register_if_better
+    from workflows.mlflow_tracking import RunHandle, register_if_better
 
     config, outcome = trained
     handle = RunHandle(
@@ -93,7 +93,7 @@ def test_alias_moves_only_for_a_better_model(trained):
 
 
 def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
-    from workflows.training import run_training
+    from workflows.train_loop import run_training
 
     config = tiny_config(tmp_path, **{"train.epochs": 3, "registry.register": False})
     marker = tmp_path / "failed-once"
@@ -108,7 +108,7 @@ def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_
 
 
 def test_resume_continues_a_finished_run_without_retraining(ray_session, tmp_path):
-    from workflows.training import run_training
+    from workflows.train_loop import run_training
 
     config = tiny_config(tmp_path, **{"train.epochs": 1, "registry.register": False})
     first = run_training(config)

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from workflows.evaluation import coco_segm_metrics, mean_mask_iou, occlusion_breakdown
+from workflows.coco_metrics import coco_segm_metrics, mean_mask_iou, occlusion_breakdown
 
 
 def _rle(mask: np.ndarray) -> dict:

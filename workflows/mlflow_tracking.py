@@ -157,7 +157,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
 
     from pose2seg.checkpoint import TRAINING_FILE, load_checkpoint
     from pose2seg.model import build_model
-    from workflows.mlflow_model import Pose2SegPyfunc, pyfunc_signature
+    from workflows.pyfunc_model import Pose2SegPyfunc, pyfunc_signature
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]

@@ -134,7 +134,7 @@ def run_batch_inference(
     import ray
 
     if model_ref.startswith(("models:/", "runs:/")):
-        from workflows.tracking import client_for, resolve_tracking_uri
+        from workflows.mlflow_tracking import client_for, resolve_tracking_uri
 
         client_for(resolve_tracking_uri(config))
     with tempfile.TemporaryDirectory() as work:

@@ -62,7 +62,7 @@ def resolve_model_and_connect(model_arg: str | None, config: Config, address: st
     started and MLflow pointed at the config's tracking store."""
     model_ref = model_arg or f"models:/{config.registry.model_name}@{config.registry.alias}"
     init_ray(address)
-    from workflows.tracking import client_for, resolve_tracking_uri
+    from workflows.mlflow_tracking import client_for, resolve_tracking_uri
 
     client_for(resolve_tracking_uri(config))
     return model_ref

@@ -103,7 +103,7 @@ def validate(model, val_iter, *, config: Config, device, rank: int, world: int) 
     import torch.distributed as dist
 
     from preprocessing.schema import gt_to_coco
-    from workflows.evaluation import coco_segm_metrics, occluded_subset_ap
+    from workflows.coco_metrics import coco_segm_metrics, occluded_subset_ap
 
     net = getattr(model, "module", model)
     net.eval()
@@ -235,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val")
     handle = None
     if rank == 0 and loop_config.get("mlflow"):
-        from workflows.tracking import RunHandle
+        from workflows.mlflow_tracking import RunHandle
 
         handle = RunHandle(**loop_config["mlflow"])
 
@@ -295,7 +295,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 flush=True,
             )
             if handle is not None:
-                from workflows.tracking import log_metrics
+                from workflows.mlflow_tracking import log_metrics
 
                 log_metrics(handle, metrics, step=epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
@@ -479,7 +479,7 @@ def run_training(
 ) -> TrainOutcome:
     """The whole training job on an already-initialised Ray: data, MLflow run, fit, model
     logging and registration. ``resume``: an earlier run name to continue from its checkpoint."""
-    from workflows import tracking
+    from workflows import mlflow_tracking as tracking
 
     data = prepare_data(config)
     run_name = resume or config.train.run_name or new_run_name()

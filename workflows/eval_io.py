@@ -1,0 +1,170 @@
+"""Evaluation inputs and outputs shared by the commands: a split's ground truth, keypoints
+from the ground truth or a keypoint-results file, MaxIoU, the occlusion table and overlays."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from pose2seg.config import Config
+
+
+class KeypointResultsError(ValueError):
+    """A keypoint-results JSON names an unknown image or holds malformed keypoints."""
+
+
+def split_paths(config: Config, split: str) -> tuple[str, str]:
+    from preprocessing.storage import join
+
+    d = config.data
+    ann, img = (
+        (d.val_annotations, d.val_images)
+        if split == "val"
+        else (d.train_annotations, d.train_images)
+    )
+    return join(d.root, ann), join(d.root, img)
+
+
+def load_gt(annotations_uri: str) -> dict[str, Any]:
+    from preprocessing.storage import read_bytes
+
+    try:
+        gt = json.loads(read_bytes(annotations_uri))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{annotations_uri}: not valid JSON: {exc}") from None
+    for key in ("images", "annotations"):
+        if key not in gt:
+            raise ValueError(f"{annotations_uri}: COCO annotation file has no {key!r}")
+    gt.setdefault("categories", [{"id": 1, "name": "person"}])
+    return gt
+
+
+def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
+    """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled keypoint."""
+    out: dict[int, list] = {int(im["id"]): [] for im in gt["images"]}
+    for ann in gt["annotations"]:
+        kp = ann.get("keypoints")
+        if ann.get("iscrowd", 0) or not kp or len(kp) != 51:
+            continue
+        arr = np.asarray(kp, np.float32).reshape(17, 3)
+        if (arr[:, 2] > 0).any() and int(ann["image_id"]) in out:
+            out[int(ann["image_id"])].append(arr)
+    return {k: np.stack(v) if v else np.zeros((0, 17, 3), np.float32) for k, v in out.items()}
+
+
+def results_keypoints(
+    results: Any, gt: dict[str, Any], *, source: str, min_score: float = 0.0
+) -> dict[int, np.ndarray]:
+    """image id -> (N,17,3) from a COCO keypoint-results list; clear errors name the entry."""
+    if not isinstance(results, list):
+        raise KeypointResultsError(
+            f"{source}: expected a JSON list of keypoint results, got {type(results).__name__}"
+        )
+    known = {int(im["id"]) for im in gt["images"]}
+    out: dict[int, list] = {k: [] for k in known}
+    for i, res in enumerate(results):
+        if not isinstance(res, dict) or "image_id" not in res or "keypoints" not in res:
+            raise KeypointResultsError(f"{source}: entry {i} needs 'image_id' and 'keypoints'")
+        image_id = res["image_id"]
+        if not isinstance(image_id, int) or image_id not in known:
+            raise KeypointResultsError(
+                f"{source}: entry {i} names image_id {image_id!r}, which is not in the ground truth"
+            )
+        kp = res["keypoints"]
+        try:
+            arr = np.asarray(kp, np.float32)
+        except (TypeError, ValueError):
+            arr = np.zeros(0)
+        if arr.shape != (51,) or not np.isfinite(arr).all():
+            raise KeypointResultsError(
+                f"{source}: entry {i} (image_id {image_id}) has malformed keypoints: expected 51 finite numbers"
+            )
+        if float(res.get("score", 1.0)) >= min_score:
+            out[image_id].append(arr.reshape(17, 3))
+    return {k: np.stack(v) if v else np.zeros((0, 17, 3), np.float32) for k, v in out.items()}
+
+
+def with_max_iou(gt: dict[str, Any]) -> dict[str, Any]:
+    """Give every non-crowd annotation a ``max_iou``: kept if the dataset has it (the synthetic
+    set stores the full-body IoU), else the max box IoU with another person of the image."""
+    from pycocotools import mask as mask_utils
+
+    by_image: dict[int, list] = {}
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    for anns in by_image.values():
+        missing = [a for a in anns if a.get("max_iou") is None]
+        if not missing:
+            continue
+        boxes = [list(map(float, a["bbox"])) for a in anns]
+        ious = (
+            mask_utils.iou(boxes, boxes, [0] * len(boxes)) if len(boxes) > 1 else np.zeros((1, 1))
+        )
+        ious = np.asarray(ious)
+        np.fill_diagonal(ious, 0.0)
+        for i, a in enumerate(anns):
+            if a.get("max_iou") is None:
+                a["max_iou"] = float(ious[i].max()) if len(anns) > 1 else 0.0
+    return gt
+
+
+def write_occlusion_table(rows: list[dict[str, Any]], out_dir: str) -> None:
+    import csv
+
+    cols = ["bin", "num_people", "segm_ap", "segm_ap50", "segm_ap75"]
+    with open(os.path.join(out_dir, "occlusion.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| MaxIoU | people | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
+    for r in rows:
+        vals = [
+            f"{r[c]:.4f}" if r[c] == r[c] else "n/a" for c in ("segm_ap", "segm_ap50", "segm_ap75")
+        ]
+        lines.append(f"| {r['bin']} | {r['num_people']} | " + " | ".join(vals) + " |")
+    with open(os.path.join(out_dir, "occlusion.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def write_overlays(
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    kps: dict[int, np.ndarray],
+    images_uri: str,
+    out_dir: str,
+    *,
+    limit: int,
+) -> list[str]:
+    """PNG overlays (masks coloured per person, skeletons drawn) of the first ``limit`` images."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from preprocessing.schema import decode_image
+    from preprocessing.storage import join, read_bytes
+    from preprocessing.visualize import draw_instances
+
+    if limit <= 0:
+        return []
+    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+    by_image: dict[int, list] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    paths = []
+    for im in gt["images"][:limit]:
+        image_id = int(im["id"])
+        pixels = decode_image(read_bytes(join(images_uri, im["file_name"])))
+        masks = [
+            mask_utils.decode(r["segmentation"]).astype(bool) for r in by_image.get(image_id, [])
+        ]
+        mask_arr = np.stack(masks) if masks else np.zeros((0, *pixels.shape[:2]), bool)
+        drawn = draw_instances(
+            pixels, mask_arr, kps.get(image_id, np.zeros((0, 17, 3), np.float32))
+        )
+        path = os.path.join(out_dir, "overlays", f"{image_id}.png")
+        Image.fromarray(drawn).save(path)
+        paths.append(path)
+    return paths
