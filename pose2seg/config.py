@@ -58,6 +58,9 @@ class DataConfig:
     """Images per Ray Data preprocessing task / Parquet file."""
     max_reject_fraction: float = 0.5
     """Preprocessing fails if more than this fraction of people is rejected."""
+    keypoint_margin_fraction: float = 0.25
+    """A person with a labelled keypoint farther than this fraction of the image's longer side
+    outside the image is rejected (``keypoints_outside_image``), in preprocessing and inference."""
     synthetic_num_train: int = 1440
     """Synthetic generator: number of training images."""
     synthetic_num_val: int = 120
@@ -80,6 +83,11 @@ class DataConfig:
         _check(self.images_per_shard >= 1, "data.images_per_shard", "must be >= 1")
         _check(
             0.0 <= self.max_reject_fraction <= 1.0, "data.max_reject_fraction", "must be in [0, 1]"
+        )
+        _check(
+            0.0 <= self.keypoint_margin_fraction <= 10.0,
+            "data.keypoint_margin_fraction",
+            "must be in [0, 10]",
         )
         _check(self.synthetic_num_train >= 1, "data.synthetic_num_train", "must be >= 1")
         _check(self.synthetic_num_val >= 1, "data.synthetic_num_val", "must be >= 1")
@@ -277,6 +285,9 @@ class EvalConfig:
     """Overlay PNGs written by evaluate/predict."""
     output_dir: str = "outputs"
     """Where results JSON, tables and overlays are written."""
+    max_reject_fraction: float = 0.1
+    """evaluate/predict fail if more than this fraction of images is rejected (unreadable or
+    unsafe path); below it the rejects are listed in ``rejects.json`` and the job goes on."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -288,6 +299,9 @@ class EvalConfig:
         )
         _check(0.0 <= self.occluded_min_iou <= 1.0, "eval.occluded_min_iou", "must be in [0, 1]")
         _check(self.num_overlays >= 0, "eval.num_overlays", "must be >= 0")
+        _check(
+            0.0 <= self.max_reject_fraction <= 1.0, "eval.max_reject_fraction", "must be in [0, 1]"
+        )
 
 
 @dataclass
@@ -343,6 +357,7 @@ PREPROCESS_KEYS: tuple[str, ...] = (
     "data.val_images",
     "data.input_size",
     "data.image_encoding",
+    "data.keypoint_margin_fraction",
     "data.synthetic_num_train",
     "data.synthetic_num_val",
     "data.synthetic_image_size",

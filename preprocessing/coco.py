@@ -13,12 +13,17 @@ What is kept and what is rejected:
   absent as in COCO *instances* files): the preprocessing decides what to do with them;
 - crowd regions (``iscrowd`` 1) go to ``ImageRecord.crowd`` with all-zero keypoints;
 - an image with no annotations gives a record with empty lists;
+- an image whose ``file_name`` leaves the images folder (absolute, a URI, ``..``, or a local
+  symbolic link leading out) is rejected as ``unsafe_path`` and never opened;
 - an image whose file is missing, unreadable, or whose size differs from the JSON gives
   ``(None, [one Rejection])``; that rejection has ``annotation_id`` None and its ``detail`` ends
   with ``people=N`` (N = the image's person annotations, crowd regions excluded, that were lost
   with it), also available as :meth:`CocoPersonDataset.num_people_in`;
 - a malformed annotation gives one Rejection for that annotation and the rest of the image is
-  read; annotations whose ``image_id`` is not in ``images`` are listed once in
+  read; a person with a labelled keypoint far outside the image (more than
+  ``keypoint_margin_fraction`` of its longer side, :mod:`pose2seg.keypoint_checks`) is one
+  ``keypoints_outside_image`` Rejection. :meth:`CocoPersonDataset.valid_keypoints` applies the
+  same keypoint checks without reading pixels (the template-fitting pass uses it); annotations whose ``image_id`` is not in ``images`` are listed once in
   :attr:`CocoPersonDataset.dataset_rejections` (they belong to no image record).
 
 ``num_keypoints`` is recomputed from the visibility flags (count of v > 0); ``area`` and
@@ -39,22 +44,34 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from pose2seg.keypoint_checks import (
+    DEFAULT_KEYPOINT_MARGIN_FRACTION,
+    REASON_OUTSIDE_IMAGE,
+    describe_outside_keypoints,
+)
 from pose2seg.skeleton import NUM_KEYPOINTS
 from preprocessing import storage
 
 REJECT_REASONS: dict[str, str] = {
+    "unsafe_path": "the image's file_name leaves the images folder (absolute, '..', or a link leading out)",
     "image_missing": "the image file named in the JSON does not exist",
     "image_unreadable": "the image file exists but cannot be decoded as an image",
     "size_mismatch": "the image's pixel size differs from the height/width in the JSON",
     "unknown_image": "the annotation's image_id is not in the JSON's images",
     "not_person": "the annotation's category is not the person category",
     "malformed_keypoints": f"keypoints are not {3 * NUM_KEYPOINTS} finite numbers with visibility 0/1/2",
+    REASON_OUTSIDE_IMAGE: "a labelled keypoint lies farther outside the image than data.keypoint_margin_fraction allows",
     "malformed_segmentation": "the segmentation is not a valid polygon list or RLE of the image's size",
     "empty_mask": "the segmentation decodes to an empty mask",
 }
 """Every reason a record can be rejected for, with what it means; the rejects table's vocabulary."""
 
-IMAGE_LEVEL_REASONS: tuple[str, ...] = ("image_missing", "image_unreadable", "size_mismatch")
+IMAGE_LEVEL_REASONS: tuple[str, ...] = (
+    "unsafe_path",
+    "image_missing",
+    "image_unreadable",
+    "size_mismatch",
+)
 
 
 class CocoFormatError(ValueError):
@@ -131,6 +148,9 @@ class CocoPersonDataset:
         split: the split name written into rejections (``train``, ``val``, ...).
         data: the already-parsed COCO dict (e.g. a :meth:`subset_json` shipped with a shard
             task); None reads and parses ``annotations_uri``, which then only names the data.
+        keypoint_margin_fraction: ``data.keypoint_margin_fraction``: how far outside the image
+            (fraction of its longer side) a labelled keypoint may lie before its person is
+            rejected.
     """
 
     def __init__(
@@ -140,10 +160,12 @@ class CocoPersonDataset:
         *,
         split: str,
         data: dict[str, Any] | None = None,
+        keypoint_margin_fraction: float = DEFAULT_KEYPOINT_MARGIN_FRACTION,
     ) -> None:
         self.annotations_uri = annotations_uri
         self.images_uri = images_uri
         self.split = split
+        self.keypoint_margin_fraction = float(keypoint_margin_fraction)
         if data is None:
             data = load_coco_json(annotations_uri)
         self._categories = data.get("categories")
@@ -262,7 +284,12 @@ class CocoPersonDataset:
         info = self.image_info(image_id)
         file_name = str(info["file_name"])
         height, width = int(info["height"]), int(info["width"])
-        pixels, problem = self._read_pixels(file_name, height, width)
+        try:
+            uri = storage.resolve_inside(self.images_uri, file_name)
+        except storage.UnsafePathError as exc:
+            pixels, problem = None, ("unsafe_path", str(exc))
+        else:
+            pixels, problem = self._read_pixels(uri, height, width)
         if pixels is None:
             reason, detail = problem
             ann_ids = [
@@ -299,9 +326,8 @@ class CocoPersonDataset:
 
     # ---------------------------------------------------------------------------------------
     def _read_pixels(
-        self, file_name: str, height: int, width: int
+        self, uri: str, height: int, width: int
     ) -> tuple[np.ndarray | None, tuple[str, str]]:
-        uri = storage.join(self.images_uri, file_name)
         try:
             raw = storage.read_bytes(uri)
         except FileNotFoundError:
@@ -319,6 +345,40 @@ class CocoPersonDataset:
             )
         return np.asarray(rgb, dtype=np.uint8), ("", "")
 
+    def _checked_keypoints(
+        self, ann: dict[str, Any], iscrowd: bool, height: int, width: int
+    ) -> tuple[np.ndarray | None, str, str]:
+        """The one keypoint validation of every split and pass: ``(keypoints (K, 3), "", "")``
+        or ``(None, reason, detail)`` with reason ``malformed_keypoints`` or
+        ``keypoints_outside_image``."""
+        keypoints, problem = _parse_keypoints(ann.get("keypoints"), iscrowd)
+        if keypoints is None:
+            return None, "malformed_keypoints", problem
+        outside = describe_outside_keypoints(
+            keypoints, height=height, width=width, margin_fraction=self.keypoint_margin_fraction
+        )
+        if outside:
+            return None, REASON_OUTSIDE_IMAGE, outside
+        return keypoints, "", ""
+
+    def valid_keypoints(self, image_ids: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+        """The (K, 3) keypoints of every non-crowd person that :meth:`read` would keep as far
+        as keypoints go (same validation), without reading pixels or decoding masks. Images
+        whose ``file_name`` is unsafe are skipped (``read`` rejects them)."""
+        for image_id in self.image_ids if image_ids is None else image_ids:
+            info = self._images[image_id]
+            try:
+                storage.resolve_inside(self.images_uri, str(info["file_name"]))
+            except storage.UnsafePathError:
+                continue
+            height, width = int(info["height"]), int(info["width"])
+            for ann in self._anns[image_id]:
+                if ann.get("category_id") not in self.person_category_ids or ann.get("iscrowd", 0):
+                    continue
+                keypoints, _, _ = self._checked_keypoints(ann, False, height, width)
+                if keypoints is not None:
+                    yield keypoints
+
     def _parse_annotation(
         self, ann: dict[str, Any], height: int, width: int
     ) -> tuple[PersonAnnotation | None, str, str]:
@@ -331,9 +391,9 @@ class CocoPersonDataset:
                 f"annotation {ann_id} has category_id {ann.get('category_id')!r}",
             )
         iscrowd = bool(ann.get("iscrowd", 0))
-        keypoints, problem = _parse_keypoints(ann.get("keypoints"), iscrowd)
+        keypoints, reason, problem = self._checked_keypoints(ann, iscrowd, height, width)
         if keypoints is None:
-            return None, "malformed_keypoints", f"annotation {ann_id}: {problem}"
+            return None, reason, f"annotation {ann_id}: {problem}"
         try:
             mask = decode_segmentation(ann.get("segmentation"), height, width)
         except ValueError as exc:

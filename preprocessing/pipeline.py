@@ -133,6 +133,7 @@ class ShardSettings:
     heatmap_sigma_px: float
     paf_width_px: float
     image_encoding: str
+    keypoint_margin_fraction: float
 
     @classmethod
     def from_config(cls, config: Config, split: str) -> ShardSettings:
@@ -144,6 +145,7 @@ class ShardSettings:
             heatmap_sigma_px=config.model.heatmap_sigma_px,
             paf_width_px=config.model.paf_width_px,
             image_encoding=config.data.image_encoding,
+            keypoint_margin_fraction=config.data.keypoint_margin_fraction,
         )
 
 
@@ -352,7 +354,11 @@ def process_shard(
         # The shard's own images and annotations, shipped by the driver: workers never parse
         # the whole annotation file.
         reader = CocoPersonDataset(
-            annotations_uri, images_uri, split=settings.split, data=json.loads(item["coco_json"])
+            annotations_uri,
+            images_uri,
+            split=settings.split,
+            data=json.loads(item["coco_json"]),
+            keypoint_margin_fraction=settings.keypoint_margin_fraction,
         )
         for image_id in item["image_ids"]:
             record, reader_rejects = reader.read(int(image_id))
@@ -472,22 +478,17 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
-def _train_keypoints(annotations_uri: str, annotations: list[Any]) -> np.ndarray:
-    """``(N, K, 3)`` keypoints of the non-crowd people among the parsed ``annotations`` of
-    ``annotations_uri`` (named in errors)."""
-    people = []
-    for ann in annotations:
-        kp = ann.get("keypoints")
-        if ann.get("iscrowd", 0) or not kp or len(kp) != NUM_KEYPOINTS * 3:
-            continue
-        arr = np.asarray(kp, dtype=np.float64).reshape(NUM_KEYPOINTS, 3)
-        if np.isfinite(arr).all() and (arr[:, 2] > 0).sum() >= 3:
-            people.append(arr)
+def _train_keypoints(annotations_uri: str, train_reader: Any) -> np.ndarray:
+    """``(N, K, 3)`` keypoints of the train people the shard pass will keep (the reader's one
+    keypoint validation: a malformed person or one with keypoints far outside its image is a
+    counted reject there, and never reaches the templates) with >= 3 labelled keypoints."""
+    people = [kp for kp in train_reader.valid_keypoints() if (kp[:, 2] > 0).sum() >= 3]
     if not people:
-        raise ValueError(
-            f"{annotations_uri}: no person with >= 3 usable keypoints to fit templates on"
+        raise PreprocessError(
+            f"{annotations_uri}: no person with >= 3 valid labelled keypoints to fit templates on "
+            "(see the rejects table for the people that were rejected)"
         )
-    return np.stack(people)
+    return np.stack(people).astype(np.float64)
 
 
 def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) -> np.ndarray:
@@ -497,7 +498,7 @@ def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) 
     if not force and exists(uri):
         return np.load(io.BytesIO(read_bytes(uri)))
     annotations_uri, _ = raw_paths(config, "train")
-    keypoints = _train_keypoints(annotations_uri, train_reader.raw_annotations)
+    keypoints = _train_keypoints(annotations_uri, train_reader)
     templates = fit_pose_templates(
         keypoints, num_templates=config.model.num_templates, seed=TEMPLATE_SEED
     )
@@ -577,7 +578,12 @@ def _split_reader(config: Config, split: str) -> Any:
     from preprocessing.coco import CocoPersonDataset
 
     annotations_uri, images_uri = raw_paths(config, split)
-    return CocoPersonDataset(annotations_uri, images_uri, split=split)
+    return CocoPersonDataset(
+        annotations_uri,
+        images_uri,
+        split=split,
+        keypoint_margin_fraction=config.data.keypoint_margin_fraction,
+    )
 
 
 def _run_split(

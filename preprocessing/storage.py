@@ -40,6 +40,45 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+class UnsafePathError(ValueError):
+    """A file name that would resolve outside the folder it must stay in."""
+
+
+def resolve_inside(root: str, name: str) -> str:
+    """``root`` joined with the relative ``name``, which must stay inside ``root``.
+
+    ``name`` comes from a dataset (a COCO ``file_name``): it may not be absolute, a URI, or
+    hold a ``..`` component, and a local path may not leave ``root`` through a symbolic link
+    (the real path of the result must lie under the real path of ``root``). S3 has no links,
+    so for ``s3://`` the name's own check is enough. Raises :class:`UnsafePathError` naming
+    the file and the root.
+    """
+    text = str(name)
+    problem = ""
+    parts = text.replace("\\", "/").split("/")
+    if not text.strip():
+        problem = "is empty"
+    elif "\x00" in text:
+        problem = "holds a NUL byte"
+    elif "://" in text or text.startswith(("/", "\\")) or os.path.isabs(text):
+        problem = "is absolute or a URI"
+    elif len(text) > 1 and text[1] == ":" and text[0].isalpha():
+        problem = "is a drive path"
+    elif ".." in parts:
+        problem = "holds a '..' component"
+    if problem:
+        raise UnsafePathError(f"file_name {text!r} {problem}; it must stay inside {root}")
+    joined = join(root, "/".join(p for p in parts if p not in ("", ".")))
+    if not is_remote(root):
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(joined)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise UnsafePathError(
+                f"file_name {text!r} resolves to {real} through a symbolic link, outside {root}"
+            )
+    return joined
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; raises ValueError for a URI without bucket."""
     if not is_remote(uri):

@@ -1,10 +1,22 @@
-"""What every entry script shares: config arguments, Ray start-up, a readable error exit."""
+"""What every entry script shares: config arguments, Ray start-up, a readable error exit.
+
+Exit codes of every command (``preprocess``, ``train``, ``tune``, ``evaluate``, ``predict``,
+``serve``): 0 success; 2 an expected user error (a bad config, a missing file or data root, an
+unreachable endpoint, an unknown model or alias, a bad keypoint file, too many rejected
+records), printed as ONE line on stderr; 1 an unexpected error (a bug), printed with its
+traceback; 130 interrupted. ``--debug`` or ``POSE2SEG_DEBUG=1`` shows the traceback of expected
+errors too. Errors raised inside Ray tasks, actors, Ray Data UDFs or Ray Train workers are
+unwrapped to their root cause first, so the user reads their own message, not Ray's wrapper.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
+from collections.abc import Callable
 
 from pose2seg.config import Config, ConfigError, load_config
 
@@ -26,6 +38,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster address (default: $RAY_ADDRESS inside `ray job submit`, else a new local instance)",
     )
+    add_debug_arg(parser)
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of errors (same as {DEBUG_ENV}=1)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -46,15 +67,180 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # The dashboard (ray[default]) also serves the State API that Ray Train's controller
         # polls; without it Train prints "Failed to query Ray Train Controller actor state".
         ray.init(num_cpus=num_cpus, log_to_driver=True)
+    from ray.data import DataContext
+
+    # A failing Ray Data UDF then raises the user's exception (inside RayTaskError, whose
+    # ``cause`` keeps it) instead of a bare "UDF failed to process a data block".
+    DataContext.get_current().raise_original_map_exception = True
 
 
-def run_main(fn, argv: list[str] | None) -> int:
-    """Run an entry point; turn configuration and input errors into one clear line and exit 2."""
+class UserError(Exception):
+    """An expected error a command raises for the user to fix (exit code 2, one line)."""
+
+
+DEBUG_ENV = "POSE2SEG_DEBUG"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def debug_enabled(argv: list[str] | None) -> bool:
+    """``--debug`` among the arguments, or ``POSE2SEG_DEBUG`` set to a true value."""
+    if "--debug" in (argv if argv is not None else sys.argv[1:]):
+        return True
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's own exception inside Ray's wrappers.
+
+    Follows ``RayTaskError.cause`` (tasks and actors), the ``__cause__`` of Ray Data's
+    ``UserCodeException`` ("UDF failed to process a data block") and of other ``ray.*``
+    wrappers, and Ray Train's ``WorkerGroupError.worker_failures`` (lowest rank first) /
+    ``ControllerError.controller_failure``. Our own exceptions are never unwrapped: their
+    message is the one meant for the user even when they chain a lower-level cause.
+    """
+    seen: set[int] = set()
+    traceback_text = ""
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        traceback_text = getattr(exc, "traceback_str", None) or traceback_text
+        inner: BaseException | None = None
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            inner = failures[sorted(failures)[0]]
+        elif isinstance(getattr(exc, "controller_failure", None), BaseException):
+            inner = exc.controller_failure
+        elif _is_ray_wrapper(exc):
+            cause = getattr(exc, "cause", None)
+            inner = cause if isinstance(cause, BaseException) else exc.__cause__
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    if _is_ray_class(type(exc)) and traceback_text:
+        # Ray Data's "UDF failed to process a data block" crossed a process boundary, which
+        # drops ``__cause__``: the user's exception survives only in the remote traceback.
+        recovered = _exception_from_traceback(traceback_text)
+        if recovered is not None:
+            return recovered
+    return exc
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.*)$")
+
+
+def _exception_from_traceback(text: str) -> BaseException | None:
+    """The last ``Name: message`` line of a remote traceback that is not Ray's own, rebuilt as
+    that built-in exception type when it is one (else None)."""
+    import builtins
+
+    for line in reversed(text.splitlines()):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if not match:
+            continue
+        name, message = match.groups()
+        if name.startswith("ray.") or name in ("UserCodeException", "RayTaskError"):
+            continue
+        cls = getattr(builtins, name.rsplit(".", 1)[-1], None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(message)
+            except Exception:  # pragma: no cover - an exception type with odd arguments
+                return None
+        if name.split(".")[0] in _OWN_PACKAGES:
+            return UserError(message)  # e.g. preprocessing.pipeline.PreprocessError
+        return None
+    return None
+
+
+# Packages whose exceptions, met in a remote traceback, are taken as expected errors.
+_OWN_PACKAGES = ("pose2seg", "preprocessing", "workflows", "mlflow", "botocore")
+
+
+def _is_ray_class(cls: type) -> bool:
+    return any((c.__module__ or "").startswith("ray.") for c in cls.__mro__)
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    # ``RayTaskError(ValueError)`` is a dynamic subclass of both: test the MRO for ray.*.
+    return _is_ray_class(type(exc)) and (
+        getattr(exc, "cause", None) is not None or exc.__cause__ is not None
+    )
+
+
+def _expected_types() -> tuple[type, ...]:
+    """Exception types that mean "the user must fix an input", not "a bug"."""
+    # OSError: missing files and folders, refused connections; ValueError: bad input files.
+    types: list[type] = [ConfigError, ValueError, OSError, UserError]
+    try:
+        from preprocessing.pipeline import PreprocessError
+
+        types.append(PreprocessError)
+    except ImportError:  # pragma: no cover - preprocessing is part of the repository
+        pass
+    try:
+        from mlflow.exceptions import MlflowException
+
+        types.append(MlflowException)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        types.extend([BotoCoreError, ClientError])
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def one_line(exc: BaseException, *, limit: int = 600) -> str:
+    """``exc``'s message on one line: ``MlflowException.message`` when it has one, lines
+    joined with " | ", at most ``limit`` characters."""
+    text = getattr(exc, "message", None)
+    if not isinstance(text, str) or not text:
+        text = str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    text = " | ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_line(exc: BaseException) -> str:
+    """``error: <message>`` (``configuration error:`` for a bad config)."""
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {one_line(exc)}"
+    name = type(exc).__name__
+    prefix = "" if name in ("UserError", "ValueError", "OSError") else f"{name}: "
+    return f"error: {prefix}{one_line(exc)}"
+
+
+def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
+    """Run an entry point: expected user errors (also inside Ray) become one line on stderr
+    and exit code 2; ``--debug`` / ``POSE2SEG_DEBUG=1`` re-raises them with the traceback."""
     try:
         return int(fn(argv) or 0)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        cause = root_cause(exc)
+        if debug_enabled(argv) or not isinstance(cause, _expected_types()):
+            raise
+        print(error_line(cause), file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def command(fn: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorator for a command's ``main(argv)``: the same error handling as :func:`run_main`,
+    also when tests or other code call ``main`` directly."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: list[str] | None = None) -> int:
+        return run_main(fn, argv)
+
+    return wrapper
 
 
 def resolve_model_and_connect(model_arg: str | None, config: Config, address: str | None) -> str:

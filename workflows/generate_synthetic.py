@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import numpy as np
 from PIL import Image
 
-from pose2seg.config import Config, ConfigError, load_config
+from pose2seg.config import Config, load_config
 from preprocessing import storage
 from preprocessing.coco import CocoPersonDataset
 from preprocessing.synthetic import (
@@ -33,6 +33,7 @@ from preprocessing.synthetic import (
     synthetic_params,
 )
 from preprocessing.visualize import draw_instances, image_grid
+from workflows.cli import add_debug_arg, command
 
 
 def generate(
@@ -81,6 +82,7 @@ def write_preview(
     return path
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -98,14 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         "--preview", metavar="PNG", help="also write a preview grid of val images here"
     )
     parser.add_argument("--preview-count", type=int, default=4, help="images in the preview")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     overrides = list(args.set)
     if args.out:
         overrides.append(f"data.root={args.out}")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    config = load_config(args.config, overrides)
     summary = generate(config, segmentation=args.segmentation, force=args.force)
     if args.preview:
         summary["preview"] = write_preview(config.data.root, args.preview, count=args.preview_count)
@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -16,7 +16,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pose2seg.config import Config, ConfigError, load_config  # noqa: E402
+from pose2seg.config import Config  # noqa: E402
+from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 
 
 def run_preprocess(
@@ -29,30 +30,9 @@ def run_preprocess(
     return preprocess_dataset(config, splits=splits, force=force)
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside `ray job submit`: passing resources to an existing cluster is an error
-    else:
-        ray.init(include_dashboard=False)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (defaults apply to absent keys)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted config key, e.g. --set data.input_size=384 (repeatable)",
-    )
+    add_config_args(parser)
     parser.add_argument(
         "--force", action="store_true", help="rebuild even if the variant is complete"
     )
@@ -63,31 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("train", "val"),
         help="only these splits (repeatable; default: train and val)",
     )
-    parser.add_argument(
-        "--address", help="Ray address, e.g. 'auto' (default: a local Ray instance)"
-    )
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    _init_ray(args.address)
-    from preprocessing.pipeline import PreprocessError
-
+    config = config_from_args(args)
+    init_ray(args.address)
     splits = tuple(dict.fromkeys(args.splits)) if args.splits else ("train", "val")
-    try:
-        summary = run_preprocess(config, force=args.force, splits=splits)
-    except (PreprocessError, FileNotFoundError, ValueError) as exc:
-        print(f"preprocessing failed: {exc}", file=sys.stderr)
-        return 1
+    # A PreprocessError (too many rejects, an incomplete output), a missing dataset or a bad
+    # annotation file is one line on stderr and exit code 2 (workflows.cli.run_main).
+    summary = run_preprocess(config, force=args.force, splits=splits)
     print(summary.format())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # `python workflows/train.py` from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workflows.cli import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -73,4 +74,4 @@ def print_outcome(outcome) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

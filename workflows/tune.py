@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pose2seg.config import PREPROCESS_KEYS, Config  # noqa: E402
-from workflows.cli import add_config_args, config_from_args, init_ray, run_main  # noqa: E402
+from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 
 METRIC = "val_segm_ap"
 
@@ -394,6 +394,7 @@ def default_search_overrides() -> dict[str, Any]:
     }
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -417,4 +418,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

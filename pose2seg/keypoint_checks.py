@@ -1,0 +1,79 @@
+"""Checks on COCO keypoints that preprocessing and inference share (pure numpy, no I/O).
+
+A labelled keypoint (v > 0) far outside its image is an annotation or pose-estimator error
+(``(5000, -300)`` in a 640 x 480 image): it would pull the person's affine onto the wrong
+template and warp features from nowhere. A person with such a keypoint is **rejected** with
+reason :data:`REASON_OUTSIDE_IMAGE`, in preprocessing (a row of the rejects table, counted
+against ``data.max_reject_fraction``) and in batch inference (an entry of ``rejects.json``,
+no mask for that person); the MLflow pyfunc answers such a request with a 400 naming the
+person. "Far" means more than ``margin_fraction`` of the image's longer side beyond an image
+border: keypoints just outside the frame (a limb leaving the picture, a pose estimator
+extrapolating a little) are kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_KEYPOINT_MARGIN_FRACTION",
+    "REASON_OUTSIDE_IMAGE",
+    "describe_outside_keypoints",
+    "keypoints_outside_image",
+]
+
+DEFAULT_KEYPOINT_MARGIN_FRACTION: float = 0.25
+"""Default allowed distance outside the image, as a fraction of the image's longer side."""
+
+REASON_OUTSIDE_IMAGE: str = "keypoints_outside_image"
+"""The reject reason of a person with a labelled keypoint beyond the margin."""
+
+
+def _outside_mask(
+    keypoints: np.ndarray, height: int, width: int, margin_fraction: float
+) -> np.ndarray:
+    """``(N, K)`` bool: labelled keypoints more than the margin outside the image."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if margin_fraction < 0:
+        raise ValueError(f"margin_fraction must be >= 0, got {margin_fraction}")
+    kpts = np.asarray(keypoints, dtype=np.float64)
+    if kpts.ndim != 3 or kpts.shape[-1] != 3:
+        raise ValueError(f"keypoints must have shape (N, K, 3), got {kpts.shape}")
+    margin = margin_fraction * max(height, width)
+    x, y, v = kpts[..., 0], kpts[..., 1], kpts[..., 2]
+    beyond = (x < -margin) | (x > width + margin) | (y < -margin) | (y > height + margin)
+    return beyond & (v > 0)
+
+
+def keypoints_outside_image(
+    keypoints: np.ndarray, *, height: int, width: int, margin_fraction: float
+) -> np.ndarray:
+    """Which people have a labelled keypoint too far outside the image.
+
+    Args:
+        keypoints: (N, K, 3) x, y, visibility in the image's pixels (unlabelled v = 0
+            keypoints are ignored, whatever their coordinates).
+        height, width: the image size H, W in pixels.
+        margin_fraction: allowed distance beyond a border, as a fraction of ``max(H, W)``.
+
+    Returns:
+        (N,) bool, true for a person to reject.
+    """
+    return _outside_mask(keypoints, height, width, margin_fraction).any(axis=-1)
+
+
+def describe_outside_keypoints(
+    keypoints: np.ndarray, *, height: int, width: int, margin_fraction: float
+) -> str:
+    """A one-line reason for one person's rejection (``keypoints`` (K, 3)); "" when none."""
+    kpts = np.asarray(keypoints, dtype=np.float64).reshape(1, -1, 3)
+    bad = np.flatnonzero(_outside_mask(kpts, height, width, margin_fraction)[0])
+    if len(bad) == 0:
+        return ""
+    k = int(bad[0])
+    x, y = kpts[0, k, 0], kpts[0, k, 1]
+    return (
+        f"{len(bad)} labelled keypoint(s) more than {margin_fraction:g} x {max(height, width)} px "
+        f"outside the {width}x{height} (WxH) image, e.g. keypoint {k} at ({x:g}, {y:g})"
+    )
