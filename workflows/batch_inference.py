@@ -5,6 +5,13 @@ checkpoint folder) is resolved once on the driver into the checkpoint's files, p
 object store (so actors on any node can load it), and served by a pool of Ray Data actors, each
 holding one :class:`pose2seg.inference.Predictor`. Inputs are (image id, image URI, keypoints)
 items; outputs are COCO result dicts in the original image frame.
+
+Bad inputs do not stop the job: an image that cannot be read or decoded, or whose file name
+leaves the images folder, is an image-level reject; a person with a labelled keypoint far
+outside the image (:mod:`pose2seg.keypoint_checks`) is a person-level reject and gets no mask.
+Rejects come back in ``stats["rejects"]`` (dicts with ``image_id``, ``person_index`` (None for
+an image), ``uri``, ``reason``, ``detail``); the commands write them to ``rejects.json`` and
+fail (:class:`TooManyRejectsError`) when the rejected images exceed ``eval.max_reject_fraction``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,59 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from workflows.cli import UserError
+
+REJECTS_FILE = "rejects.json"
+
+
+class TooManyRejectsError(UserError):
+    """More images were rejected than ``eval.max_reject_fraction`` allows."""
+
+
+def image_reject(
+    image_id: int, uri: str, reason: str, detail: str, person_index: int | None = None
+) -> dict[str, Any]:
+    """One entry of ``rejects.json``."""
+    return {
+        "image_id": int(image_id),
+        "person_index": person_index,
+        "uri": str(uri),
+        "reason": reason,
+        "detail": detail,
+    }
+
+
+def safe_image_uri(images_uri: str, file_name: str) -> tuple[str, str]:
+    """``(uri, "")`` for a file name inside ``images_uri``, else ``("", why)`` (unsafe_path)."""
+    from preprocessing.storage import UnsafePathError, resolve_inside
+
+    try:
+        return resolve_inside(images_uri, file_name), ""
+    except UnsafePathError as exc:
+        return "", str(exc)
+
+
+def write_rejects(
+    rejects: list[dict[str, Any]], out_dir: str, *, num_images: int, max_fraction: float
+) -> str:
+    """Write ``rejects.json`` (always, possibly empty) and fail when the rejected images exceed
+    ``max_fraction`` of ``num_images``; returns the file's path."""
+    path = os.path.join(out_dir, REJECTS_FILE)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(rejects, fh, indent=1)
+    images = {r["image_id"] for r in rejects if r.get("person_index") is None}
+    fraction = len(images) / num_images if num_images else 0.0
+    if fraction > max_fraction:
+        reasons: dict[str, int] = {}
+        for r in rejects:
+            if r.get("person_index") is None:
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        raise TooManyRejectsError(
+            f"{len(images)} of {num_images} images rejected ({fraction:.3f} > "
+            f"eval.max_reject_fraction={max_fraction}; {reasons}); see {path}"
+        )
+    return path
 
 
 def resolve_checkpoint_dir(model_ref: str, work_dir: str) -> str:
@@ -67,7 +127,13 @@ def unpack_dir(files: dict[str, bytes]) -> str:
 class PredictorActor:
     """A Ray Data actor: loads the checkpoint once, predicts batches of images."""
 
-    def __init__(self, checkpoint_ref: list, use_gpu: bool = False, num_threads: int = 1):
+    def __init__(
+        self,
+        checkpoint_ref: list,
+        use_gpu: bool = False,
+        num_threads: int = 1,
+        margin_fraction: float = 0.25,
+    ):
         import ray
         import torch
 
@@ -76,6 +142,7 @@ class PredictorActor:
         from pose2seg.model import build_model
 
         torch.set_num_threads(max(1, num_threads))
+        self.margin_fraction = float(margin_fraction)
         # The files travel once through the object store (wrapped in a list so Ray hands the
         # reference over instead of inlining megabytes of weights into the actor's arguments).
         loaded = load_checkpoint(unpack_dir(ray.get(checkpoint_ref[0])))
@@ -91,33 +158,56 @@ class PredictorActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from pose2seg.keypoint_checks import describe_outside_keypoints
         from preprocessing.schema import decode_image
         from preprocessing.storage import read_bytes
 
-        out_ids, out_results = [], []
+        out_ids, out_results, out_rejects = [], [], []
         for image_id, uri, kpts_json in zip(
             batch["image_id"], batch["uri"], batch["keypoints"], strict=True
         ):
+            image_id, uri = int(image_id), str(uri)
+            rejects: list[dict[str, Any]] = []
+            results: list[dict[str, Any]] = []
+            pixels = None
             try:
-                pixels = decode_image(read_bytes(str(uri)))
-            except Exception as exc:
-                raise ValueError(f"image {int(image_id)} ({uri}): cannot be read: {exc}") from exc
-            keypoints = np.asarray(json.loads(str(kpts_json)), dtype=np.float32).reshape(-1, 17, 3)
-            results = (
-                self.predictor.predict(pixels, keypoints, image_id=int(image_id))
-                if len(keypoints)
-                else []
-            )
-            out_ids.append(int(image_id))
+                pixels = decode_image(read_bytes(uri))
+            except FileNotFoundError as exc:
+                rejects.append(image_reject(image_id, uri, "image_missing", str(exc)))
+            except Exception as exc:  # PIL/OS/S3 raise many types for one unreadable file
+                detail = f"cannot be read: {type(exc).__name__}: {exc}"
+                rejects.append(image_reject(image_id, uri, "image_unreadable", detail))
+            if pixels is not None:
+                keypoints = np.asarray(json.loads(str(kpts_json)), dtype=np.float32)
+                keypoints = keypoints.reshape(-1, 17, 3)
+                keep = []
+                for index, person in enumerate(keypoints):
+                    why = describe_outside_keypoints(
+                        person,
+                        height=pixels.shape[0],
+                        width=pixels.shape[1],
+                        margin_fraction=self.margin_fraction,
+                    )
+                    if why:
+                        rejects.append(
+                            image_reject(image_id, uri, "keypoints_outside_image", why, index)
+                        )
+                    else:
+                        keep.append(index)
+                if keep:
+                    results = self.predictor.predict(pixels, keypoints[keep], image_id=image_id)
+            out_ids.append(image_id)
             out_results.append(json.dumps(results))
-        return {"image_id": out_ids, "results": out_results}
+            out_rejects.append(json.dumps(rejects))
+        return {"image_id": out_ids, "results": out_results, "rejects": out_rejects}
 
 
 @dataclass
 class InferenceItem:
     image_id: int
-    uri: str
+    uri: str  # "" when the file name was unsafe: the item is rejected, never read
     keypoints: np.ndarray  # (N, 17, 3) original frame
+    reject_detail: str = ""  # why ``uri`` is empty (an unsafe_path reject)
 
 
 def run_batch_inference(
@@ -128,7 +218,10 @@ def run_batch_inference(
     num_actors: int = 1,
     use_gpu: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Predict every item with a pool of Ray Data actors; returns (COCO results, stats)."""
+    """Predict every item with a pool of Ray Data actors; returns (COCO results, stats).
+
+    ``stats["rejects"]``: the rejected images and people (see the module docstring); the
+    caller writes them (:func:`write_rejects`)."""
     import time
 
     import ray
@@ -139,38 +232,52 @@ def run_batch_inference(
         client_for(resolve_tracking_uri(config))
     with tempfile.TemporaryDirectory() as work:
         files = pack_dir(resolve_checkpoint_dir(model_ref, work))
-    ds = ray.data.from_items(
-        [
-            {
-                "image_id": it.image_id,
-                "uri": it.uri,
-                "keypoints": json.dumps(np.asarray(it.keypoints).tolist()),
-            }
-            for it in items
-        ]
-    )
+    rejects = [
+        image_reject(it.image_id, "", "unsafe_path", it.reject_detail) for it in items if not it.uri
+    ]
+    readable = [it for it in items if it.uri]
     t0 = time.time()
     cpus = 1.0 if use_gpu else max(0.25, config.train.cpus_per_worker)
-    predicted = ds.map_batches(
-        PredictorActor,
-        fn_constructor_kwargs={
-            "checkpoint_ref": [ray.put(files)],
-            "use_gpu": use_gpu,
-            "num_threads": max(1, int(cpus)),
-        },
-        batch_size=config.eval.batch_size,
-        concurrency=num_actors,
-        num_cpus=cpus,
-        num_gpus=1 if use_gpu else 0,
-        batch_format="numpy",
-    ).take_all()
+    predicted: list[dict[str, Any]] = []
+    if readable:
+        ds = ray.data.from_items(
+            [
+                {
+                    "image_id": it.image_id,
+                    "uri": it.uri,
+                    "keypoints": json.dumps(np.asarray(it.keypoints).tolist()),
+                }
+                for it in readable
+            ]
+        )
+        predicted = ds.map_batches(
+            PredictorActor,
+            fn_constructor_kwargs={
+                "checkpoint_ref": [ray.put(files)],
+                "use_gpu": use_gpu,
+                "num_threads": max(1, int(cpus)),
+                "margin_fraction": config.data.keypoint_margin_fraction,
+            },
+            batch_size=config.eval.batch_size,
+            concurrency=num_actors,
+            num_cpus=cpus,
+            num_gpus=1 if use_gpu else 0,
+            batch_format="numpy",
+        ).take_all()
     seconds = time.time() - t0
     results = [r for row in predicted for r in json.loads(row["results"])]
+    rejects += [r for row in predicted for r in json.loads(row["rejects"])]
+    rejects.sort(
+        key=lambda r: (r["image_id"], -1 if r["person_index"] is None else r["person_index"])
+    )
     stats = {
         "images": len(items),
         "people": int(sum(len(it.keypoints) for it in items)),
         "seconds": seconds,
         "images_per_s": len(items) / max(seconds, 1e-9),
         "people_per_s": sum(len(it.keypoints) for it in items) / max(seconds, 1e-9),
+        "rejected_images": len({r["image_id"] for r in rejects if r["person_index"] is None}),
+        "rejected_people": sum(1 for r in rejects if r["person_index"] is not None),
+        "rejects": rejects,
     }
     return results, stats

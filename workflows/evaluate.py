@@ -42,6 +42,7 @@ class EvalOutcome:
     inference: dict[str, Any]
     mlflow_run_id: str | None = None
     overlays: list[str] = field(default_factory=list)
+    rejects_path: str = ""  # rejects.json: unreadable / unsafe images, people out of frame
 
 
 def run_evaluate(
@@ -55,8 +56,13 @@ def run_evaluate(
     log_to_mlflow: bool = True,
 ) -> EvalOutcome:
     """The whole evaluation on an initialised Ray; writes results, metrics and overlays."""
-    from preprocessing.storage import join, read_bytes
-    from workflows.batch_inference import InferenceItem, run_batch_inference
+    from preprocessing.storage import read_bytes
+    from workflows.batch_inference import (
+        InferenceItem,
+        run_batch_inference,
+        safe_image_uri,
+        write_rejects,
+    )
     from workflows.coco_metrics import coco_segm_metrics, occluded_subset_ap, occlusion_breakdown
     from workflows.eval_io import (
         gt_keypoints,
@@ -79,21 +85,22 @@ def run_evaluate(
         kps = gt_keypoints(gt)
     else:
         kps = results_keypoints(json.loads(read_bytes(kp_source)), gt, source=kp_source)
-    items = [
-        InferenceItem(
-            image_id=int(im["id"]),
-            uri=join(images_uri, im["file_name"]),
-            keypoints=kps[int(im["id"])],
-        )
-        for im in gt["images"]
-    ]
+    items = []
+    for im in gt["images"]:
+        uri, unsafe = safe_image_uri(images_uri, str(im["file_name"]))
+        items.append(InferenceItem(int(im["id"]), uri, kps[int(im["id"])], reject_detail=unsafe))
     results, stats = run_batch_inference(
         items, model_ref=model_ref, config=config, num_actors=num_actors, use_gpu=use_gpu
     )
+    # A rejected image stays in the ground truth: its people count as misses in the AP.
+    rejects = stats.pop("rejects")
 
     name = f"eval-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = os.path.join(config.eval.output_dir, name)
     os.makedirs(out_dir, exist_ok=True)
+    rejects_path = write_rejects(
+        rejects, out_dir, num_images=len(items), max_fraction=config.eval.max_reject_fraction
+    )
     results_path = os.path.join(out_dir, "results.json")
     with open(results_path, "w") as fh:
         json.dump(results, fh)
@@ -115,7 +122,11 @@ def run_evaluate(
             indent=1,
         )
     write_occlusion_table(occlusion, out_dir)
-    overlays = write_overlays(gt, results, kps, images_uri, out_dir, limit=config.eval.num_overlays)
+    rejected = {r["image_id"] for r in rejects if r["person_index"] is None}
+    readable = {"images": [im for im in gt["images"] if int(im["id"]) not in rejected]}
+    overlays = write_overlays(
+        readable, results, kps, images_uri, out_dir, limit=config.eval.num_overlays
+    )
     outcome = EvalOutcome(
         metrics=metrics,
         occlusion=occlusion,
@@ -123,6 +134,7 @@ def run_evaluate(
         output_dir=out_dir,
         inference=stats,
         overlays=overlays,
+        rejects_path=rejects_path,
     )
     if log_to_mlflow:
         from workflows import mlflow_tracking as tracking
@@ -131,7 +143,13 @@ def run_evaluate(
             config, run_name=name, tags={"pose2seg.kind": "evaluate", "pose2seg.model": model_ref}
         )
         tracking.log_metrics(handle, {f"{split}_{k}": v for k, v in metrics.items()}, step=0)
-        for fname in ("metrics.json", "occlusion.md", "occlusion.csv", "results.json"):
+        for fname in (
+            "metrics.json",
+            "occlusion.md",
+            "occlusion.csv",
+            "results.json",
+            "rejects.json",
+        ):
             tracking.log_artifact_file(handle, os.path.join(out_dir, fname), "evaluation")
         tracking.end_run(handle)
         outcome.mlflow_run_id = handle.run_id
@@ -184,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"inference: {out.inference['images_per_s']:.1f} images/s, {out.inference['people_per_s']:.1f} people/s"
     )
+    if out.inference.get("rejected_images") or out.inference.get("rejected_people"):
+        print(
+            f"rejected: {out.inference['rejected_images']} images, "
+            f"{out.inference['rejected_people']} people (see {out.rejects_path})"
+        )
     print(f"results: {out.results_path}   MLflow run: {out.mlflow_run_id}")
     return 0
 

@@ -33,20 +33,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _items_from_keypoints(doc: Any, images_uri: str, *, source: str):
-    from preprocessing.storage import join, list_files
-    from workflows.batch_inference import InferenceItem
+    from preprocessing.storage import list_files
+    from workflows.batch_inference import InferenceItem, safe_image_uri
     from workflows.eval_io import gt_keypoints, results_keypoints
 
     if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
         kps = gt_keypoints(doc)
-        return [
-            InferenceItem(
-                image_id=int(im["id"]),
-                uri=join(images_uri, im["file_name"]),
-                keypoints=kps[int(im["id"])],
+        items = []
+        for im in doc["images"]:
+            # A file_name leaving the images folder is an unsafe_path reject, never opened.
+            uri, unsafe = safe_image_uri(images_uri, str(im["file_name"]))
+            items.append(
+                InferenceItem(int(im["id"]), uri, kps[int(im["id"])], reject_detail=unsafe)
             )
-            for im in doc["images"]
-        ], doc["images"]
+        return items, doc["images"]
     if not isinstance(doc, list):
         raise ValueError(f"{source}: expected a COCO annotation file or a keypoint-results list")
     files = {}
@@ -78,7 +78,7 @@ def run_predict(
 ) -> dict[str, Any]:
     """Predict, write ``results.json`` and overlays; returns a summary dict."""
     from preprocessing.storage import read_bytes
-    from workflows.batch_inference import run_batch_inference
+    from workflows.batch_inference import run_batch_inference, write_rejects
     from workflows.eval_io import write_overlays
 
     try:
@@ -89,7 +89,13 @@ def run_predict(
     results, stats = run_batch_inference(
         items, model_ref=model_ref, config=config, num_actors=num_actors, use_gpu=use_gpu
     )
+    rejects = stats.pop("rejects")
     os.makedirs(out_dir, exist_ok=True)
+    rejects_path = write_rejects(
+        rejects, out_dir, num_images=len(items), max_fraction=config.eval.max_reject_fraction
+    )
+    rejected = {r["image_id"] for r in rejects if r["person_index"] is None}
+    images = [im for im in images if int(im["id"]) not in rejected]
     results_path = os.path.join(out_dir, "results.json")
     with open(results_path, "w") as fh:
         json.dump(results, fh)
@@ -99,6 +105,7 @@ def run_predict(
     )
     return {
         "results_path": results_path,
+        "rejects_path": rejects_path,
         "overlays": overlays,
         "num_results": len(results),
         **stats,
@@ -147,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['num_results']} people segmented in {summary['images']} images "
         f"({summary['images_per_s']:.1f} images/s, {summary['people_per_s']:.1f} people/s)"
     )
+    if summary["rejected_images"] or summary["rejected_people"]:
+        print(
+            f"rejected: {summary['rejected_images']} images, {summary['rejected_people']} people "
+            f"(see {summary['rejects_path']})"
+        )
     print(
         f"results: {summary['results_path']}   overlays: {len(summary['overlays'])} in {os.path.join(args.out, 'overlays')}"
     )

@@ -11,6 +11,12 @@ DataFrame with one row per image and the columns
 Output: a DataFrame with one row per person: ``image_id``, ``person_index`` (position in the
 input list), ``score``, ``segmentation`` (JSON text of the COCO RLE ``{"size", "counts"}``).
 ``unwrap_python_model().predictor`` gives the underlying :class:`pose2seg.inference.Predictor`.
+
+Bad input (a missing column, undecodable image bytes, malformed keypoints, a person with a
+labelled keypoint farther outside the image than the model's ``data.keypoint_margin_fraction``)
+raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` and a one-line message naming the
+image id: ``mlflow models serve`` passes that message through as a 400 response, where any
+other exception becomes a generic error.
 """
 
 from __future__ import annotations
@@ -102,8 +108,23 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def predict(self, context, model_input, params=None):
+        from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+        try:
+            return self._predict(model_input)
+        except ValueError as exc:  # bad input: the scoring server answers 400 with this line
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def _predict(self, model_input):
         import pandas as pd
 
+        from pose2seg.keypoint_checks import describe_outside_keypoints
+
+        if not hasattr(model_input, "columns"):
+            raise ValueError(
+                f"model input must be a DataFrame with columns {list(INPUT_COLUMNS)}, "
+                f"got {type(model_input).__name__}"
+            )
         missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
         if missing:
             raise ValueError(
@@ -111,9 +132,19 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
             )
         rows = []
         for record in model_input.itertuples(index=False):
-            image_id = int(record.image_id)
+            try:
+                image_id = int(record.image_id)
+            except (TypeError, ValueError):
+                raise ValueError(f"image_id must be an integer, got {record.image_id!r}") from None
             pixels = decode_image(record.image, image_id=image_id)
             keypoints = parse_keypoints(record.keypoints, image_id=image_id)
+            margin = self.config.data.keypoint_margin_fraction
+            for index, person in enumerate(keypoints):
+                why = describe_outside_keypoints(
+                    person, height=pixels.shape[0], width=pixels.shape[1], margin_fraction=margin
+                )
+                if why:
+                    raise ValueError(f"image_id {image_id}, person {index}: {why}")
             results = self.predictor.predict(pixels, keypoints, image_id=image_id)
             for index, res in enumerate(results):
                 rows.append(
