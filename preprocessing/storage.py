@@ -204,6 +204,29 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     return sorted(found)
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Names of the immediate sub-folders of a local folder / S3 prefix (sorted); [] when absent."""
+    if not is_remote(uri):
+        if not os.path.isdir(uri):
+            return []
+        return sorted(e.name for e in os.scandir(uri) if e.is_dir())
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    names: set[str] = set()
+    paginator = s3_client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for entry in page.get("CommonPrefixes", []):
+                names.add(entry["Prefix"][len(prefix) :].rstrip("/"))
+    except ClientError as exc:
+        if _is_missing(exc):
+            return []
+        raise OSError(f"listing {uri} failed: {exc}") from exc
+    return sorted(n for n in names if n)
+
+
 def upload_dir(local_dir: str, uri: str) -> int:
     """Copy every file below ``local_dir`` to ``uri`` (a local folder or S3 prefix); returns the count."""
     files = list_files(local_dir)

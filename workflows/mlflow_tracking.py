@@ -19,6 +19,10 @@ from typing import Any
 
 from pose2seg.config import Config
 
+RUN_NAME_TAG = "pose2seg.run_name"
+"""The Ray Train run / Tune experiment name a run belongs to: how a resume finds its run."""
+DRIVER_TAG = "pose2seg.driver"
+"""``host:pid`` of the driver that holds a RUNNING run (to end runs whose driver died)."""
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 AP_TAG = "val_segm_ap"
@@ -107,7 +111,8 @@ def start_run(
     uri = resolve_tracking_uri(config)
     client = client_for(uri)
     experiment_id = ensure_experiment(client, config.registry.experiment, uri)
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    all_tags = {"mlflow.runName": run_name, RUN_NAME_TAG: run_name, DRIVER_TAG: _driver_id()}
+    all_tags.update(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
@@ -115,6 +120,92 @@ def start_run(
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return RunHandle(tracking_uri=uri, run_id=run.info.run_id, experiment_id=experiment_id)
+
+
+def _driver_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def find_run(config: Config, *, run_name: str, extra_filter: str = "") -> Any | None:
+    """The newest run of the config's experiment tagged with ``run_name`` (or, for runs made
+    before the tag existed, named so), or None."""
+    uri = resolve_tracking_uri(config)
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(config.registry.experiment)
+    if exp is None:
+        return None
+    quoted = run_name.replace("'", "\\'")
+    more = f" and {extra_filter}" if extra_filter else ""
+    for flt in (f"tags.`{RUN_NAME_TAG}` = '{quoted}'", f"attributes.run_name = '{quoted}'"):
+        runs = client.search_runs(
+            [exp.experiment_id], filter_string=flt + more, order_by=["attributes.start_time DESC"]
+        )
+        if runs:
+            return runs[0]
+    return None
+
+
+def continue_run(
+    config: Config, *, run_name: str, extra_filter: str = "", tags: dict[str, str] | None = None
+) -> RunHandle | None:
+    """Reopen the run of ``run_name`` (status back to RUNNING, whatever it was: FAILED or
+    KILLED after an interruption, RUNNING after a killed driver, FINISHED when extended) so
+    that a resumed job logs into the same run: one run, one metric history. None when the
+    store holds no such run. Params are not logged again (MLflow params are immutable)."""
+    run = find_run(config, run_name=run_name, extra_filter=extra_filter)
+    if run is None:
+        return None
+    uri = resolve_tracking_uri(config)
+    client = client_for(uri)
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    resumes = int(run.data.tags.get("pose2seg.resumes", "0") or 0) + 1
+    for key, value in {
+        "pose2seg.resumes": str(resumes),
+        DRIVER_TAG: _driver_id(),
+        **(tags or {}),
+    }.items():
+        client.set_tag(run_id, key, value)
+    return RunHandle(tracking_uri=uri, run_id=run_id, experiment_id=run.info.experiment_id)
+
+
+def end_orphaned_runs(config: Config) -> list[str]:
+    """End (status KILLED) the RUNNING training runs whose driver was a process of this host that no
+    longer exists (a SIGKILLed ``train.py``): they would otherwise stay RUNNING forever. A
+    later ``--resume`` of the same name reopens the run and continues it. Returns their ids."""
+    import socket
+
+    uri = resolve_tracking_uri(config)
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(config.registry.experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.status = 'RUNNING' and tags.`pose2seg.kind` = 'train'",
+    ):
+        driver = run.data.tags.get(DRIVER_TAG, "")
+        run_host, _, pid = driver.rpartition(":")
+        if run_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "pose2seg.ended_because", f"driver {driver} is gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> None:

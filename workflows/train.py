@@ -2,7 +2,7 @@
 
 python workflows/train.py                               # the default synthetic CPU run
 python workflows/train.py --config configs/cocopersons.yaml
-python workflows/train.py --resume RUN_NAME             # continue an interrupted run
+python workflows/train.py --resume RUN_NAME             # continue a stored run (same MLflow run)
 ray job submit --working-dir . -- python workflows/train.py --config configs/cocopersons.yaml
 """
 
@@ -36,14 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    from workflows.train_loop import check_new_run_name, check_resumable, run_training
+
     if args.resume:
         config = config.with_overrides({"train.run_name": args.resume})
-    init_ray(args.address)
-    from workflows.train_loop import run_training
+        check_resumable(config, args.resume)  # fail at once, before Ray starts
+    elif config.train.run_name:
+        check_new_run_name(config, config.train.run_name)
+    previous = _interrupt_on_sigterm()
+    try:
+        init_ray(args.address)
+        outcome = run_training(
+            config, resume=args.resume, register=False if args.no_register else None
+        )
+    finally:
+        if previous is not None:
+            import signal
 
-    outcome = run_training(config, resume=args.resume, register=False if args.no_register else None)
+            signal.signal(signal.SIGTERM, previous)
     print_outcome(outcome)
     return 0
+
+
+def _interrupt_on_sigterm():
+    """`ray job stop` and Kubernetes send SIGTERM: turn it into KeyboardInterrupt so the
+    MLflow run is ended (KILLED) instead of being left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def print_outcome(outcome) -> None:

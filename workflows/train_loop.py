@@ -294,10 +294,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s",
                 flush=True,
             )
-            if handle is not None:
-                from workflows.mlflow_tracking import log_metrics
-
-                log_metrics(handle, metrics, step=epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -320,6 +316,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+        if handle is not None:
+            # Logged once the epoch's checkpoint is stored: a job interrupted before that
+            # redoes the epoch on --resume, and MLflow never holds the same step twice.
+            from workflows.mlflow_tracking import log_metrics
+
+            log_metrics(handle, metrics, step=epoch + 1)
         final_metrics = metrics
     return {"metrics": final_metrics, "history": history}
 
@@ -469,6 +471,46 @@ def best_checkpoint(result):
     return best or result.checkpoint
 
 
+class RunNotFoundError(FileNotFoundError):
+    """``--resume NAME`` names no run under ``train.storage_path`` (exit code 2)."""
+
+
+def existing_runs(config: Config) -> list[str]:
+    """Names of the runs (and Tune searches) under ``train.storage_path``."""
+    from preprocessing.storage import list_dirs
+
+    return list_dirs(_storage_uri(config.train.storage_path))
+
+
+def _storage_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def check_resumable(config: Config, name: str) -> None:
+    """Raise :class:`RunNotFoundError` (one line listing the runs there) unless a run named
+    ``name`` exists under ``train.storage_path``."""
+    runs = existing_runs(config)
+    if name in runs:
+        return
+    where = _storage_uri(config.train.storage_path)
+    shown = ", ".join(runs[-20:]) if runs else "none"
+    more = f" (last 20 of {len(runs)})" if len(runs) > 20 else ""
+    raise RunNotFoundError(
+        f"cannot resume {name!r}: no run of that name under train.storage_path={where}; "
+        f"runs there{more}: {shown}"
+    )
+
+
+def check_new_run_name(config: Config, name: str) -> None:
+    """A new run must not reuse a stored run's name: Ray Train would silently continue it."""
+    if name in existing_runs(config):
+        raise FileExistsError(
+            f"a run named {name!r} already exists under train.storage_path="
+            f"{_storage_uri(config.train.storage_path)}; continue it with --resume {name} "
+            "or choose another train.run_name"
+        )
+
+
 def run_training(
     config: Config,
     *,
@@ -478,20 +520,46 @@ def run_training(
     test_hooks: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """The whole training job on an already-initialised Ray: data, MLflow run, fit, model
-    logging and registration. ``resume``: an earlier run name to continue from its checkpoint."""
+    logging and registration.
+
+    ``resume``: the name of a run under ``train.storage_path`` to continue from its last
+    checkpoint (:class:`RunNotFoundError` at once when there is none); its MLflow run (found by
+    the ``pose2seg.run_name`` tag) is reopened, so a job has one run and one metric history.
+    Without ``resume``, a ``train.run_name`` that already exists is an error (FileExistsError).
+    An interrupted fit ends the MLflow run (KILLED / FAILED) before the error propagates; a
+    run whose driver was killed outright is ended by the next job on the host
+    (:func:`workflows.mlflow_tracking.end_orphaned_runs`) or continued by ``--resume``."""
     from workflows import mlflow_tracking as tracking
 
-    data = prepare_data(config)
     run_name = resume or config.train.run_name or new_run_name()
-    handle = tracking.start_run(
-        config,
-        run_name=run_name,
-        parent_run_id=parent_run_id,
-        tags={
-            "pose2seg.preprocess_key": config.preprocess_key(),
-            "pose2seg.resumed": str(bool(resume)),
-        },
-    )
+    if resume:
+        check_resumable(config, resume)
+    else:
+        check_new_run_name(config, run_name)
+    for run_id in tracking.end_orphaned_runs(config):
+        print(f"[pose2seg] ended MLflow run {run_id}: its driver process is gone", flush=True)
+    data = prepare_data(config)
+    tags = {
+        "pose2seg.kind": "train",
+        "pose2seg.preprocess_key": config.preprocess_key(),
+        "pose2seg.resumed": str(bool(resume)),
+    }
+    handle = None
+    if resume:
+        handle = tracking.continue_run(
+            config, run_name=run_name, extra_filter="tags.`pose2seg.kind` = 'train'", tags=tags
+        )
+        if handle is not None:
+            print(f"[pose2seg] continuing MLflow run {handle.run_id} of {run_name}", flush=True)
+        else:
+            print(
+                f"[pose2seg] no MLflow run of {run_name} in this tracking store: starting one",
+                flush=True,
+            )
+    if handle is None:
+        handle = tracking.start_run(
+            config, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+        )
     print(
         f"[pose2seg] MLflow run {handle.run_id} in {tracking.redact_uri(handle.tracking_uri)}",
         flush=True,
@@ -509,8 +577,16 @@ def run_training(
     )
     try:
         result = trainer.fit()
-    except Exception:
-        tracking.end_run(handle, status="FAILED")
+    except BaseException as exc:
+        # Never leave the run RUNNING: KILLED for an interruption (Ctrl-C, SIGTERM from
+        # `ray job stop`), FAILED for an error. `--resume` reopens it.
+        interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
+        tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        print(
+            f"[pose2seg] run {run_name} {'interrupted' if interrupted else 'failed'}; "
+            f"continue it with --resume {run_name}",
+            flush=True,
+        )
         raise
     ckpt = best_checkpoint(result)
     metrics = dict(result.metrics or {})

@@ -3,6 +3,7 @@
     python workflows/tune.py                                 # small default search, synthetic data
     python workflows/tune.py --config configs/X.yaml --set 'tune.search_space={"model.roi_size": [32, 64]}'
     python workflows/tune.py --config configs/X.yaml --set tune.name=NAME   # resumes NAME if it exists
+    python workflows/tune.py --config configs/X.yaml --resume NAME          # NAME must exist
 
 Each trial is a Ray Train run (``workflows.train_loop.build_trainer``) driven from a Tune trial,
 reported to Tune per epoch (ASHA stops weak trials on val AP), logged as an MLflow child run of
@@ -61,7 +62,12 @@ def trial_driver(params: dict[str, Any]) -> None:
     # reports a failed trial and carries on with the search.
     config = base.with_overrides({**overrides, "train.run_name": run_name, "train.max_failures": 0})
     data = prepare_data(config)  # already preprocessed by the driver: this only opens the Parquet
-    handle = tracking.start_run(
+    # A trial restored with its search continues its own MLflow run (one per trial).
+    handle = tracking.continue_run(
+        config,
+        run_name=run_name,
+        extra_filter=f"tags.mlflow.parentRunId = '{params['__parent_run_id']}'",
+    ) or tracking.start_run(
         config,
         run_name=run_name,
         parent_run_id=params["__parent_run_id"],
@@ -107,8 +113,40 @@ def _storage(config: Config) -> tuple[str, Any]:
     return _storage_path(config.train.storage_path), _storage_filesystem(config.train.storage_path)
 
 
-def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
-    """Run (or resume) the search described by ``config.tune`` on an initialised Ray."""
+class SearchNotFoundError(FileNotFoundError):
+    """``tune.py --resume NAME`` names no restorable search (exit code 2)."""
+
+
+def check_restorable(config: Config, name: str) -> None:
+    """Raise :class:`SearchNotFoundError` (one line listing what is there) unless the search
+    ``name`` can be restored from ``train.storage_path``."""
+    from ray import tune
+
+    from preprocessing.storage import list_dirs
+
+    storage_path, storage_fs = _storage(config)
+    path = os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        return
+    where = config.train.storage_path
+    runs = list_dirs(where if "://" in where else os.path.abspath(where))
+    raise SearchNotFoundError(
+        f"cannot resume search {name!r}: no restorable Tune experiment at {path}; "
+        f"folders under train.storage_path: {', '.join(runs[-20:]) or 'none'}"
+    )
+
+
+def run_tune(
+    config: Config, *, register: bool | None = None, resume: str | None = None
+) -> TuneOutcome:
+    """Run (or resume) the search described by ``config.tune`` on an initialised Ray.
+
+    ``resume``: a search name that must exist (:class:`SearchNotFoundError` at once if not);
+    a ``tune.name`` that exists is restored too. A restored search continues its MLflow
+    parent run (found by the ``pose2seg.run_name`` tag) and each restored trial its own run."""
+    if resume:
+        check_restorable(config, resume)
+        config = config.with_overrides({"tune.name": resume})
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -124,7 +162,14 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
     experiment_path = (
         os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
     )
-    parent = tracking.start_run(config, run_name=name, tags={"pose2seg.kind": "tune"})
+    restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
+    parent = None
+    if restoring:
+        parent = tracking.continue_run(
+            config, run_name=name, extra_filter="tags.`pose2seg.kind` = 'tune'"
+        )
+    if parent is None:
+        parent = tracking.start_run(config, run_name=name, tags={"pose2seg.kind": "tune"})
     print(f"[pose2seg] tune experiment {name}; MLflow parent run {parent.run_id}", flush=True)
 
     trainable = tune.with_resources(trial_driver, {"CPU": config.tune.cpus_per_trial_driver})
@@ -134,7 +179,7 @@ def run_tune(config: Config, *, register: bool | None = None) -> TuneOutcome:
     param_space.update(
         {"__base": config.to_flat(), "__parent_run_id": parent.run_id, "__experiment": name}
     )
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+    if restoring:
         print(f"[pose2seg] resuming the search at {experiment_path}", flush=True)
         tuner = tune.Tuner.restore(
             experiment_path,
@@ -371,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(parser)
     parser.add_argument("--no-register", action="store_true", help="do not register the best model")
+    parser.add_argument(
+        "--resume", metavar="NAME", help="restore this stored search (it must exist)"
+    )
     return parser
 
 
@@ -400,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     if not args.config and not args.overrides:
         config = config.with_overrides(default_search_overrides())
+    if args.resume:
+        check_restorable(config, args.resume)  # fail at once, before Ray starts
     init_ray(args.address)
-    outcome = run_tune(config, register=False if args.no_register else None)
+    outcome = run_tune(config, register=False if args.no_register else None, resume=args.resume)
     print()
     with open(os.path.join(outcome.report_dir, "ablation.md")) as fh:
         print(fh.read())
