@@ -1,8 +1,8 @@
 """MLflow for the workflows: the tracking store, runs, params, metrics, models and the registry.
 
 The default store is a local SQLite database (the model registry needs a database) with
-artifacts in ``./mlartifacts``; on a cluster, ``registry.tracking_uri`` or
-``$MLFLOW_TRACKING_URI`` points at a tracking server. All calls go through an explicit
+artifacts in ``./mlartifacts``; on a cluster, ``registry.tracking_uri`` points at a tracking
+server (``$MLFLOW_TRACKING_URI`` only when the config leaves it empty). All calls go through an explicit
 ``MlflowClient`` so Ray workers, Tune trials and the driver never fight over an "active run".
 """
 
@@ -39,9 +39,26 @@ def redact_uri(text: str) -> str:
     return _URI_PASSWORD.sub(r"\1***@", text)
 
 
+_WARNED_URIS: set[tuple[str, str]] = set()
+
+
 def resolve_tracking_uri(config: Config) -> str:
-    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    ``registry.tracking_uri`` is the single source when set: a different
+    ``$MLFLOW_TRACKING_URI`` is ignored, with a warning (once per pair) on stderr."""
     if config.registry.tracking_uri:
+        env = os.environ.get("MLFLOW_TRACKING_URI", "")
+        pair = (config.registry.tracking_uri, env)
+        if env and env != config.registry.tracking_uri and pair not in _WARNED_URIS:
+            import sys
+
+            _WARNED_URIS.add(pair)
+            print(
+                f"[pose2seg] warning: MLFLOW_TRACKING_URI={redact_uri(env)} is ignored: "
+                f"registry.tracking_uri={redact_uri(config.registry.tracking_uri)} is set",
+                file=sys.stderr,
+            )
         return config.registry.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import sys
 import tomllib
+import types
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
+SERVICE_ACCOUNT = INFRA / "kuberay" / "serviceaccount.yaml"
 RAYJOBS = {
     "train": INFRA / "kuberay" / "rayjob-train.yaml",
     "tune": INFRA / "kuberay" / "rayjob-tune.yaml",
@@ -31,11 +34,12 @@ AWS_CLUSTER = INFRA / "aws" / "cluster.yaml"
 MLFLOW_SERVER = INFRA / "mlflow" / "mlflow-server.yaml"
 POSTGRES = INFRA / "mlflow" / "postgres.yaml"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
-KUBE_FILES = [RAYCLUSTER, *RAYJOBS.values(), MLFLOW_SERVER, POSTGRES]
+KUBE_FILES = [RAYCLUSTER, *RAYJOBS.values(), MLFLOW_SERVER, POSTGRES, SERVICE_ACCOUNT]
 EXPECTED_FILES = [
     DOCKERFILE,
     INFRA / "docker" / "README.md",
     RAYCLUSTER,
+    SERVICE_ACCOUNT,
     *RAYJOBS.values(),
     AWS_CLUSTER,
     MLFLOW_SERVER,
@@ -496,18 +500,182 @@ def test_gpu_group_can_hold_the_cluster_training_run(name, spec):
         )
 
 
-@pytest.mark.parametrize("path", KUBE_FILES[:3], ids=lambda p: p.name)
-def test_pods_run_as_the_irsa_service_account_defined_alongside(path):
+RAY_FILES = [RAYCLUSTER, *RAYJOBS.values()]
+
+
+@pytest.mark.parametrize("path", RAY_FILES, ids=lambda p: p.name)
+def test_pods_run_as_the_irsa_service_account_defined_once(path):
+    # Issue 16 (d): a ServiceAccount defined in each of the three files is deleted from under
+    # the other two by `kubectl delete -f` of one of them; it lives in serviceaccount.yaml.
     docs = load_docs(path)
-    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert not [d for d in docs if d["kind"] == "ServiceAccount"], (
+        f"{path.name} defines a ServiceAccount: define it once, in {SERVICE_ACCOUNT.name}"
+    )
+    shared = {d["metadata"]["name"]: d for d in load_docs(SERVICE_ACCOUNT)}
     used = {v for _, k, v in walk(docs) if k == "serviceAccountName"}
     assert used, f"{path.name}: pods name no serviceAccountName"
     for sa in used:
-        assert sa in accounts, (
-            f"{path.name}: ServiceAccount {sa} is used but not defined in the file"
-        )
-        annotations = accounts[sa]["metadata"].get("annotations", {})
+        assert sa in shared, f"{path.name}: ServiceAccount {sa} is not in {SERVICE_ACCOUNT.name}"
+        annotations = shared[sa]["metadata"].get("annotations", {})
         assert "eks.amazonaws.com/role-arn" in annotations, f"{sa}: no IRSA role annotation"
+
+
+def test_each_service_account_is_defined_in_exactly_one_file():
+    where: dict[str, list[str]] = {}
+    for path in sorted(INFRA.rglob("*.yaml")):
+        if path.name == "docker-compose.yaml":
+            continue
+        for doc in load_docs(path):
+            if doc.get("kind") == "ServiceAccount":
+                where.setdefault(doc["metadata"]["name"], []).append(path.name)
+    assert where
+    assert all(len(files) == 1 for files in where.values()), where
+
+
+# KubeRay sets these labels on the pods it creates and selects on them in its own Services.
+KUBERAY_OWNED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by")
+
+
+def pod_templates(path: Path) -> list[tuple[str, dict]]:
+    out = []
+    for doc in load_docs(path):
+        for where, key, value in walk(doc):
+            if key == "template" and isinstance(value, dict) and "spec" in value:
+                out.append((f"{path.name}{where}", value))
+    return out
+
+
+@pytest.mark.parametrize("path", RAY_FILES, ids=lambda p: p.name)
+def test_ray_pod_templates_leave_kuberays_labels_alone(path):
+    # Issue 16 (c): a head pod labelled app.kubernetes.io/name=pose2seg-ray is matched by no
+    # head Service KubeRay creates (selector app.kubernetes.io/name: kuberay).
+    templates = pod_templates(path)
+    assert len(templates) >= 2, f"{path.name}: expected head and worker pod templates"
+    for where, template in templates:
+        labels = template.get("metadata", {}).get("labels", {})
+        overridden = [k for k in labels if k in KUBERAY_OWNED_LABELS or k.startswith("ray.io/")]
+        assert not overridden, f"{where}: pod template sets KubeRay's label(s) {overridden}"
+        assert labels.get("app.kubernetes.io/part-of") == "pose2seg", where
+
+
+def test_postgres_statefulset_is_governed_by_a_headless_service():
+    # Issue 16 (e): StatefulSet.spec.serviceName must name a headless Service.
+    docs = load_docs(POSTGRES)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    governing = services.get(sts["spec"]["serviceName"])
+    assert governing is not None, f"serviceName {sts['spec']['serviceName']} is not defined"
+    assert (
+        governing["spec"].get("clusterIP") == "None"
+        or governing["spec"].get("clusterIP") is None
+        and "clusterIP" in governing["spec"]
+    ), "the governing Service must be headless"
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert governing["spec"]["selector"].items() <= pod_labels.items()
+    # The MLflow server connects through a normal (ClusterIP) Service of the same pods.
+    _, container = mlflow_deployment()
+    backend = urlparse(option([str(a) for a in container["command"]], "--backend-store-uri"))
+    client = services.get(backend.hostname)
+    assert client is not None and client["spec"].get("clusterIP") not in ("None",), (
+        f"the backend store host {backend.hostname} must be a ClusterIP Service"
+    )
+
+
+PRIVATE_HOSTS = ("10.0.3.7:5000", "172.16.0.9:5000", "172.31.255.1:5000", "192.168.1.20:5000")
+PUBLIC_HOSTS = ("attacker.example:5000", "172.32.0.1:5000", "8.8.8.8:5000", "11.0.0.1:5000")
+
+
+def compose_allowed_hosts() -> list[str]:
+    argv = [str(a) for a in compose()["services"]["mlflow"]["command"]]
+    value = option(argv, "--allowed-hosts")
+    default = re.fullmatch(r"\$\{MLFLOW_ALLOWED_HOSTS:-(.*)\}", value)
+    assert default, f"compose --allowed-hosts {value!r} has no default"
+    return [h.strip() for h in default.group(1).split(",")]
+
+
+def test_mlflow_allowed_hosts_keep_the_private_ip_ranges():
+    # Issue 16 (b): --allowed-hosts replaces MLflow's defaults, so clients using a private IP
+    # (the EC2 path's http://<private-ip>:5000) got "Invalid Host header".
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    _, container = mlflow_deployment()
+    kube = [
+        h.strip()
+        for h in option([str(a) for a in container["command"]], "--allowed-hosts").split(",")
+    ]
+    for name, allowed in (
+        ("mlflow-server.yaml", kube),
+        ("docker-compose.yaml", compose_allowed_hosts()),
+    ):
+        for host in PRIVATE_HOSTS + ("localhost:5000", "127.0.0.1:5000"):
+            assert is_allowed_host_header(allowed, host), f"{name}: {host} would be rejected"
+        for host in PUBLIC_HOSTS:
+            assert not is_allowed_host_header(allowed, host), f"{name}: {host} would be answered"
+    readme = (INFRA / "README.md").read_text()
+    assert "replaces" in readme and "private IP" in readme
+
+
+def test_tracking_uri_has_one_source_the_config():
+    # Issue 16 (f): MLFLOW_TRACKING_URI in the manifests was ignored (registry.tracking_uri wins).
+    for path in RAY_FILES:
+        text = path.read_text()
+        assert "MLFLOW_TRACKING_URI" not in text.split("apiVersion", 1)[1], (
+            f"{path.name} sets MLFLOW_TRACKING_URI; the config's registry.tracking_uri is the source"
+        )
+    for name in CLUSTER_CONFIGS:
+        from pose2seg.config import load_config
+
+        assert load_config(str(REPO / "configs" / name)).registry.tracking_uri
+    assert "single source" in (INFRA / "README.md").read_text()
+
+
+def test_config_tracking_uri_wins_and_a_different_env_var_is_reported(monkeypatch, capsys):
+    from pose2seg.config import Config
+    from workflows.mlflow_tracking import resolve_tracking_uri
+
+    config = Config().with_overrides({"registry.tracking_uri": "http://mlflow:5000"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere-for-this-test:5000")
+    assert resolve_tracking_uri(config) == "http://mlflow:5000"
+    assert "MLFLOW_TRACKING_URI=http://elsewhere-for-this-test:5000 is ignored" in (
+        capsys.readouterr().err
+    )
+    assert resolve_tracking_uri(Config()) == "http://elsewhere-for-this-test:5000"
+
+
+def test_gpu_image_torch_matches_its_cuda(monkeypatch):
+    # Issue 16 (a): PyPI's torch 2.14.1 is a CUDA 13.0 build (driver >= 580) while the GPU image
+    # is CUDA 12.8: the cu128 image installs torch from the matching PyTorch index and checks it.
+    for flavour in FLAVORS:
+        stage = ray_stage({"FLAVOR": flavour})
+        base = stage["base"]
+        run = next(r for r in stage["runs"] if "pip install" in r)
+        if flavour == "cpu":
+            assert base.endswith("-cpu")
+            continue
+        cuda = f"{flavour[2:-1]}.{flavour[-1]}"
+        assert base.endswith(f"-{flavour}"), base
+        assert f"https://download.pytorch.org/whl/{flavour}" in run, (
+            f"the {flavour} image must install torch from PyTorch's {flavour} index"
+        )
+        # The torch install comes before the project's, so the project's pin keeps that build.
+        assert run.index("download.pytorch.org") < run.index("-c constraints.txt .")
+        # Run the build's own check against a torch of each CUDA build.
+        check = re.findall(r'python -c "([^"]*torch\.version\.cuda[^"]*)"', run)[-1]
+        for built_for, ok in ((cuda, True), ("13.0", False)):
+            fake = types.SimpleNamespace(
+                __version__="2.14.1", version=types.SimpleNamespace(cuda=built_for)
+            )
+            monkeypatch.setitem(sys.modules, "torch", fake)
+            with pytest.raises(SystemExit) as exit_info:
+                exec(check + "\nsys.exit(0)", {})
+            code = exit_info.value.code
+            assert (code in (0, None)) == ok, (
+                f"{flavour} image with torch for CUDA {built_for}: {code}"
+            )
+            if not ok:
+                assert "CUDA 13.0" in str(code) and f"needs CUDA {cuda}" in str(code)
+    docs = (INFRA / "docker" / "README.md").read_text()
+    assert "driver >= 570" in docs and "driver >= 580" in docs
 
 
 @pytest.mark.parametrize("step", sorted(RAYJOBS))
