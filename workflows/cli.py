@@ -103,7 +103,10 @@ def root_cause(exc: BaseException) -> BaseException:
     traceback_text = ""
     while id(exc) not in seen:
         seen.add(id(exc))
-        traceback_text = getattr(exc, "traceback_str", None) or traceback_text
+        if _is_ray_class(type(exc)) and not traceback_text:
+            # The outermost RayTaskError keeps the remote traceback in ``traceback_str``; its
+            # dual ``RayTaskError(Cause)`` form only in its message.
+            traceback_text = getattr(exc, "traceback_str", None) or str(exc)
         inner: BaseException | None = None
         failures = getattr(exc, "worker_failures", None)
         if isinstance(failures, dict) and failures:

@@ -247,6 +247,8 @@ def test_predict_counts_unreadable_and_unsafe_images_and_goes_on(trained, tmp_pa
         str(tmp_path / "strict"),
         "--set",
         "eval.max_reject_fraction=0.1",
+        "--set",
+        f"registry.tracking_uri={config.registry.tracking_uri}",
     ]
     assert predict.main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
