@@ -178,20 +178,15 @@ def test_preprocess_command_exits_2_on_missing_root_and_unreachable_s3(
 
 
 def test_evaluate_unknown_model_and_bad_keypoint_file_exit_2(trained, tmp_path, capsys):
+    import yaml
+
     from workflows import evaluate
 
     config, _ = trained
-    common = [
-        "--set",
-        f"data.root={config.data.root}",
-        "--set",
-        f"registry.tracking_uri={config.registry.tracking_uri}",
-        "--set",
-        f"eval.output_dir={tmp_path}",
-        "--no-mlflow",
-    ]
-    for key in ("data.synthetic_num_train", "data.synthetic_num_val", "data.synthetic_image_size"):
-        common += ["--set", f"{key}={config.to_flat()[key]}"]
+    # The trained fixture's own config (same synthetic data, same tracking store).
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    common = ["--config", str(config_path), "--set", f"eval.output_dir={tmp_path}", "--no-mlflow"]
     assert evaluate.main([*common, "--model", "models:/nope@champion"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "nope" in last

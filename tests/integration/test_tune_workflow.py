@@ -95,3 +95,5 @@ def test_rerunning_the_same_search_name_restores_it(searched, capsys):
     assert sorted(r["trial"] for r in again.rows) == sorted(r["trial"] for r in first.rows)
     assert {r["train.lr"]: r["status"] for r in again.rows} == {0.01: "OK", 1e30: "ERROR"}
     assert again.experiment_path == first.experiment_path
+    # Issue 16: a restored search continues its MLflow parent run instead of starting another.
+    assert again.parent_run_id == first.parent_run_id
