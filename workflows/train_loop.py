@@ -363,6 +363,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _maybe_inject_failure(loop_config, epoch=epoch, rank=rank)
         t0 = time.time()
         losses, people, images = [], 0, 0
+        start_step = step
         step_seconds = 0.0  # forward + backward + optimiser; the rest of the epoch is input
         progress = EpochProgress(
             config,
@@ -401,6 +402,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             images += len(rows)
             progress.update(step=step, loss=float(stats["loss"]), images=len(rows) * world)
         train_seconds = time.time() - t0
+        if rank == 0:
+            print(
+                f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  trained {step - start_step} "
+                f"steps in {train_seconds:.0f} s; validating",
+                flush=True,
+            )
         val = validate(model, val_shard, config=config, device=device, rank=rank, world=world)
         epoch_seconds = time.time() - t0
         metrics = {
@@ -413,6 +420,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             # collating batches (0 = the input pipeline never held the model up).
             "train_input_fraction": 1.0 - step_seconds / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
+            "train_seconds": train_seconds,
+            "val_seconds": epoch_seconds - train_seconds,
             **val,
         }
         history.append({k: float(v) for k, v in metrics.items()})
@@ -422,7 +431,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
                 f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
                 f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
-                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s",
+                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s "
+                f"(train {train_seconds:.0f} s, val {epoch_seconds - train_seconds:.0f} s)",
                 flush=True,
             )
             if handle is not None:
