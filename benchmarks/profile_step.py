@@ -2,7 +2,8 @@
 
 No data set and no Ray: a random batch of the configured shape (images, people with affines
 onto a central box, skeleton features, binary targets) and the model of the config, on CPU.
-Each setting is timed over ``--steps`` steps after one warm-up step, then one step is run under
+Each setting is timed (CPU time of the process, and wall) over ``--steps`` steps after one
+warm-up step, then one step is run under
 ``torch.profiler`` for the operator table. Relative shares are meaningful on a loaded machine,
 absolute times are not.
 
@@ -81,24 +82,28 @@ def measure(config, batch, *, channels_last: bool, steps: int, profile_rows: int
     optimizer = build_optimizer(model, config.train)
 
     def step(timings=None):
-        t0 = time.perf_counter()
+        # CPU time of this process (all its threads): robust to other load on the machine.
+        w0, c0 = time.perf_counter(), time.process_time()
         logits = model(batch.images, batch.batch_index, batch.affines, batch.skeleton)
         loss = mask_loss(logits.float(), batch.targets, dice_weight=config.train.dice_weight)
-        t1 = time.perf_counter()
+        w1, c1 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             loss.backward()
-        t2 = time.perf_counter()
+        w2, c2 = time.perf_counter(), time.process_time()
         optimizer.step()
         if timings is not None:
-            timings.append((t1 - t0, t2 - t1))
+            timings.append((c1 - c0, c2 - c1, w1 - w0, w2 - w1))
 
     step()  # warm-up (oneDNN primitive caches)
     timings: list[tuple[float, float]] = []
     for _ in range(steps):
         step(timings)
-    fwd = sorted(t[0] for t in timings)[len(timings) // 2]
-    bwd = sorted(t[1] for t in timings)[len(timings) // 2]
+
+    def median(i):
+        return sorted(t[i] for t in timings)[len(timings) // 2]
+
+    fwd, bwd = median(0), median(1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = prof.key_averages()
@@ -106,8 +111,10 @@ def measure(config, batch, *, channels_last: bool, steps: int, profile_rows: int
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:profile_rows]
     return {
         "channels_last": channels_last,
-        "median_forward_s": fwd,
-        "median_backward_s": bwd,
+        "median_forward_cpu_s": fwd,
+        "median_backward_cpu_s": bwd,
+        "median_forward_wall_s": median(2),
+        "median_backward_wall_s": median(3),
         "backward_over_forward": bwd / max(fwd, 1e-9),
         "top_ops_self_cpu_share": [
             {"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in top
@@ -148,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(config, batch, channels_last=cl, steps=args.steps, profile_rows=args.rows)
         results.append(r)
         print(
-            f"{'channels_last' if cl else 'contiguous':>13}: forward {r['median_forward_s']:.3f} s  "
-            f"backward {r['median_backward_s']:.3f} s  ratio {r['backward_over_forward']:.2f}",
+            f"{'channels_last' if cl else 'contiguous':>13}: CPU time forward "
+            f"{r['median_forward_cpu_s']:.3f} s  backward {r['median_backward_cpu_s']:.3f} s  "
+            f"ratio {r['backward_over_forward']:.2f}  (wall {r['median_forward_wall_s']:.3f} + "
+            f"{r['median_backward_wall_s']:.3f} s)",
             flush=True,
         )
         for op in r["top_ops_self_cpu_share"]:

