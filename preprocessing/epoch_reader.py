@@ -107,6 +107,26 @@ def read_slices(batch: Any) -> Any:
     return pa.concat_tables(tables)
 
 
+def preserve_order() -> None:
+    """Make this process's Ray Data executions keep block order (a Train worker calls it): the
+    batch sequence then depends on the seed alone, not on which read task finished first."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+
+
+def whole_split_dataset(uri: str, *, read_cpus: float, concurrency: int, runtime_env=None):
+    """Every row of the Parquet below ``uri`` as a lazy dataset (e.g. the val split), read
+    without Ray Data's per-execution listing."""
+    files = list_parquet(uri)
+    return epoch_dataset(
+        [(u, 0, n) for u, n in files],
+        read_cpus=read_cpus,
+        concurrency=concurrency,
+        runtime_env=runtime_env,
+    )
+
+
 def epoch_dataset(
     slices: list[FileSlice],
     *,
@@ -114,17 +134,14 @@ def epoch_dataset(
     concurrency: int,
     runtime_env: dict[str, Any] | None = None,
 ):
-    """A lazy, order-preserving ``ray.data.Dataset`` of the rows of ``slices``: one read task
-    per slice, at most ``concurrency`` of them at once, each asking for ``read_cpus`` CPUs."""
+    """A lazy ``ray.data.Dataset`` of the rows of ``slices``: one read task per slice, at most
+    ``concurrency`` of them at once, each asking for ``read_cpus`` CPUs. Rows come in slice
+    order only where the process's ``DataContext`` preserves order (:func:`preserve_order`)."""
     import ray
-    from ray.data import DataContext, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     if not slices:
-        raise ValueError("no training rows for this rank (fewer rows than training workers)")
-    ctx = DataContext.get_current()
-    # Fixed output order: the batch sequence then depends on the seed alone, not on which read
-    # task finished first.
-    ctx.execution_options.preserve_order = True
+        raise ValueError("no rows to read (fewer rows than training workers?)")
     items = [{"uri": u, "start": int(a), "stop": int(b)} for u, a, b in slices]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(

@@ -175,9 +175,15 @@ def iter_train_batches(
     """This rank's training batches for one epoch (numpy dicts): its share of a seeded,
     per-epoch file order (:mod:`preprocessing.epoch_reader`), streamed by Ray Data and mixed
     by a seeded local shuffle buffer. Same config, seed and epoch -> same batches."""
-    from preprocessing.epoch_reader import epoch_dataset, epoch_slices, rows_per_rank
+    from preprocessing.epoch_reader import (
+        epoch_dataset,
+        epoch_slices,
+        preserve_order,
+        rows_per_rank,
+    )
     from preprocessing.pipeline import READ_CPUS
 
+    preserve_order()
     slices = epoch_slices(train_files, epoch=epoch, seed=config.train.seed, rank=rank, world=world)
     ds = epoch_dataset(
         slices,
@@ -489,15 +495,22 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
     from preprocessing.storage import join, read_bytes
 
     summary = preprocess_dataset(config, force=force)
-    from preprocessing.epoch_reader import list_parquet
-    from preprocessing.pipeline import processed_dir
+    from preprocessing.epoch_reader import list_parquet, whole_split_dataset
+    from preprocessing.pipeline import READ_CPUS, processed_dir
 
     train = load_split(config, "train")
     # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
     train_files = list_parquet(processed_dir(config, "train"))
     # The val split is read by every worker every epoch: materialise it once in the object
     # store instead of re-running its read tasks (which also compete for CPUs) each time.
-    val = load_split(config, "val").materialize()
+    # Read from a file list (no Ray Data Parquet listing: its footer-reader actors are each a
+    # new worker process).
+    val = whole_split_dataset(
+        processed_dir(config, "val"),
+        read_cpus=READ_CPUS,
+        concurrency=2,
+        runtime_env=_runtime_env(),
+    ).materialize()
     import io
 
     templates = np.load(
