@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         (_, wa, ca), (_, wb, cb) = marks[names.index(a)], marks[names.index(b)]
         return {"wall_s": round(wb - wa, 2), "cpu_s": round(cb - ca, 2)}
 
-    epochs = sorted({int(n[5:].split("_")[0]) for n in names if n.startswith("epoch")})
+    epochs = sorted({int(m.group(1)) for n in names if (m := re.match(r"epoch(\d+)_", n))})
     phases: dict[str, Any] = {
         "startup": span("start", "ray_started"),
         "generate": span("ray_started", "preprocess_started"),

@@ -149,6 +149,6 @@ def epoch_dataset(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=read_cpus,
-        compute=TaskPoolStrategy(size=max(1, int(concurrency))),
+        compute=TaskPoolStrategy(size=max(1, min(int(concurrency), len(items)))),
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )
