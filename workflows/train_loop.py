@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -203,6 +204,14 @@ def iter_train_batches(
     yield from ds.iter_batches(batch_size=config.train.batch_size, batch_format="numpy", **shuffle)
 
 
+def say(line: str) -> None:
+    """One console line from a Train worker. Not ``print``: Ray Train V2 patches it in its
+    workers to log through Train's logger and, when something wrapped ``sys.stdout``, to print
+    as well, so the driver's console showed every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class EpochProgress:
     """Progress inside an epoch (rank 0): a line every ``train.progress_every_steps`` steps
     and/or every ``train.progress_every_seconds`` seconds, and the step loss to MLflow every
@@ -219,7 +228,7 @@ class EpochProgress:
         handle=None,
         enabled: bool = True,
         clock=time.time,
-        echo=print,
+        echo=None,
     ):
         self.config = config
         self.epoch = epoch
@@ -229,7 +238,7 @@ class EpochProgress:
         self.handle = handle
         self.enabled = enabled
         self.clock = clock
-        self.echo = echo
+        self.echo = echo or say
         self.t0 = clock()
         self.last_print = self.t0
         self.epoch_step = 0
@@ -276,7 +285,7 @@ class EpochProgress:
             f"{self.images / elapsed:.1f} img/s  ETA epoch {_mmss(epoch_eta)}  "
             f"run {_mmss(run_eta)} (+ validation)"
         )
-        self.echo(line, flush=True)
+        self.echo(line)
         self.window = []
         self.last_print = now
         return line
@@ -409,10 +418,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             progress.update(step=step, loss=float(stats["loss"]), images=len(rows) * world)
         train_seconds = time.time() - t0
         if rank == 0:
-            print(
+            say(
                 f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  trained {step - start_step} "
-                f"steps in {train_seconds:.0f} s; validating",
-                flush=True,
+                f"steps in {train_seconds:.0f} s; validating"
             )
         val = validate(model, val_shard, config=config, device=device, rank=rank, world=world)
         epoch_seconds = time.time() - t0
@@ -432,14 +440,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         }
         history.append({k: float(v) for k, v in metrics.items()})
         if rank == 0:
-            print(
+            say(
                 f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
                 f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
                 f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
                 f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s "
-                f"(train {train_seconds:.0f} s, val {epoch_seconds - train_seconds:.0f} s)",
-                flush=True,
+                f"(train {train_seconds:.0f} s, val {epoch_seconds - train_seconds:.0f} s)"
             )
             if handle is not None:
                 from workflows.mlflow_tracking import log_metrics

@@ -92,7 +92,7 @@ def test_progress_prints_by_steps_and_time_with_eta():
         first_epoch=0,
         run_t0=clock.t,
         clock=clock,
-        echo=lambda line, **_: lines.append(line),
+        echo=lines.append,
     )
     printed = []
     for step in range(1, 11):
@@ -112,7 +112,7 @@ def test_progress_prints_by_steps_and_time_with_eta():
         first_epoch=0,
         run_t0=clock.t,
         clock=clock,
-        echo=lambda *a, **k: None,
+        echo=lambda line: None,
     )
     clock.t += 5
     assert progress.update(step=1, loss=1.0, images=8) is None
@@ -131,6 +131,6 @@ def test_progress_is_silent_off_rank_zero():
         first_epoch=0,
         run_t0=0.0,
         enabled=False,
-        echo=lambda *a, **k: pytest.fail("printed"),
+        echo=lambda line: pytest.fail("printed"),
     )
     assert progress.update(step=1, loss=1.0, images=1) is None
