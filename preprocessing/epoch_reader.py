@@ -152,3 +152,102 @@ def epoch_dataset(
         compute=TaskPoolStrategy(size=max(1, min(int(concurrency), len(items)))),
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Row dicts -> a batch dict of object arrays (values kept as they are)."""
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        col = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            col[i] = row[key]
+        out[key] = col
+    return out
+
+
+def shuffled_batches(rows, *, rng: np.random.Generator, buffer_size: int, batch_size: int):
+    """Batches (dicts of per-column object arrays) of ``rows`` through a local shuffle buffer
+    of ``buffer_size`` rows (``<= 1``: no shuffle). The output depends only on the row sequence
+    and ``rng``, not on how the rows were blocked upstream."""
+    buf: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if buffer_size <= 1:
+            out.append(row)
+        else:
+            buf.append(row)
+            if len(buf) >= buffer_size:
+                i = int(rng.integers(len(buf)))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                out.append(buf.pop())
+        if len(out) == batch_size:
+            yield _columns(out)
+            out = []
+    for i in rng.permutation(len(buf)):
+        out.append(buf[int(i)])
+        if len(out) == batch_size:
+            yield _columns(out)
+            out = []
+    if out:
+        yield _columns(out)
+
+
+class RankStream:
+    """One Train worker's training rows for the rest of the run, as ONE Ray Data execution:
+    the slices of every remaining epoch laid end to end (each epoch its own seeded file
+    order), cut back into epochs of exactly :func:`rows_per_rank` rows. One execution per run
+    instead of one per epoch: the read tasks' worker processes stay leased across epochs, and
+    no pipeline start-up between epochs. Call :meth:`epoch` for each epoch in order, consuming
+    each fully."""
+
+    def __init__(
+        self,
+        manifest: list[FileEntry],
+        *,
+        seed: int,
+        first_epoch: int,
+        epochs: int,
+        rank: int,
+        world: int,
+        read_cpus: float,
+        concurrency: int,
+        runtime_env: dict[str, Any] | None = None,
+    ):
+        self.seed, self.rank, self.world = seed, rank, world
+        self.per_rank = rows_per_rank(manifest, world)
+        self.next_epoch = first_epoch
+        slices: list[FileSlice] = []
+        for epoch in range(first_epoch, epochs):
+            slices.extend(epoch_slices(manifest, epoch=epoch, seed=seed, rank=rank, world=world))
+        self._rows = self._iter_rows(
+            epoch_dataset(
+                slices, read_cpus=read_cpus, concurrency=concurrency, runtime_env=runtime_env
+            )
+            if slices
+            else None
+        )
+
+    @staticmethod
+    def _iter_rows(ds):
+        if ds is None:
+            return
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            keys = list(block)
+            for i in range(len(block[keys[0]]) if keys else 0):
+                yield {k: block[k][i] for k in keys}
+
+    def epoch(self, epoch: int, *, batch_size: int, buffer_size: int):
+        """This epoch's batches: its rows through a shuffle buffer seeded by
+        ``(seed, epoch, rank)``."""
+        import itertools
+
+        if epoch != self.next_epoch:
+            raise ValueError(
+                f"epochs must be read in order: expected {self.next_epoch}, got {epoch}"
+            )
+        self.next_epoch += 1
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(self.rank)])
+        rows = itertools.islice(self._rows, self.per_rank)
+        yield from shuffled_batches(
+            rows, rng=rng, buffer_size=min(buffer_size, self.per_rank), batch_size=batch_size
+        )

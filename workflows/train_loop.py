@@ -164,6 +164,35 @@ def worker_threads(config: Config) -> int:
     return max(1, int(round(config.train.cpus_per_worker)))
 
 
+def train_stream(
+    train_files: list[tuple[str, int]],
+    *,
+    config: Config,
+    first_epoch: int,
+    rank: int,
+    world: int,
+    runtime_env: dict[str, Any] | None = None,
+):
+    """This rank's training input from ``first_epoch`` to the last epoch, one Ray Data
+    execution for the run (:class:`preprocessing.epoch_reader.RankStream`): each epoch its
+    share of a seeded file order, through a seeded local shuffle buffer."""
+    from preprocessing.epoch_reader import RankStream, preserve_order
+    from preprocessing.pipeline import READ_CPUS
+
+    preserve_order()
+    return RankStream(
+        train_files,
+        seed=config.train.seed,
+        first_epoch=first_epoch,
+        epochs=config.train.epochs,
+        rank=rank,
+        world=world,
+        read_cpus=READ_CPUS,
+        concurrency=config.train.read_concurrency,
+        runtime_env=runtime_env,
+    )
+
+
 def iter_train_batches(
     train_files: list[tuple[str, int]],
     *,
@@ -173,35 +202,21 @@ def iter_train_batches(
     world: int,
     runtime_env: dict[str, Any] | None = None,
 ):
-    """This rank's training batches for one epoch (numpy dicts): its share of a seeded,
-    per-epoch file order (:mod:`preprocessing.epoch_reader`), streamed by Ray Data and mixed
-    by a seeded local shuffle buffer. Same config, seed and epoch -> same batches."""
-    from preprocessing.epoch_reader import (
-        epoch_dataset,
-        epoch_slices,
-        preserve_order,
-        rows_per_rank,
-    )
-    from preprocessing.pipeline import READ_CPUS
-
-    preserve_order()
-    slices = epoch_slices(train_files, epoch=epoch, seed=config.train.seed, rank=rank, world=world)
-    ds = epoch_dataset(
-        slices,
-        read_cpus=READ_CPUS,
-        concurrency=config.train.read_concurrency,
+    """This rank's training batches of one epoch (dicts of per-column arrays), the same the
+    loop gets for that epoch. Same config, seed and epoch -> same batches."""
+    stream = train_stream(
+        train_files,
+        config=config.with_overrides({"train.epochs": epoch + 1}),
+        first_epoch=epoch,
+        rank=rank,
+        world=world,
         runtime_env=runtime_env,
     )
-    buffer = min(config.train.shuffle_buffer_size, rows_per_rank(train_files, world))
-    shuffle = (
-        {
-            "local_shuffle_buffer_size": buffer,
-            "local_shuffle_seed": config.train.seed + 1000 * epoch + rank,
-        }
-        if buffer > 1
-        else {}
+    yield from stream.epoch(
+        epoch,
+        batch_size=config.train.batch_size,
+        buffer_size=config.train.shuffle_buffer_size,
     )
-    yield from ds.iter_batches(batch_size=config.train.batch_size, batch_format="numpy", **shuffle)
 
 
 def say(line: str) -> None:
@@ -374,6 +389,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     final_metrics: dict[str, Any] = {}
     run_t0 = time.time()
+    stream = train_stream(
+        train_files,
+        config=config,
+        first_epoch=start_epoch,
+        rank=rank,
+        world=world,
+        runtime_env=loop_config.get("read_runtime_env"),
+    )
     for epoch in range(start_epoch, config.train.epochs):
         _maybe_inject_failure(loop_config, epoch=epoch, rank=rank)
         t0 = time.time()
@@ -389,13 +412,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             handle=handle,
             enabled=rank == 0,
         )
-        for batch_np in iter_train_batches(
-            train_files,
-            config=config,
-            epoch=epoch,
-            rank=rank,
-            world=world,
-            runtime_env=loop_config.get("read_runtime_env"),
+        for batch_np in stream.epoch(
+            epoch,
+            batch_size=config.train.batch_size,
+            buffer_size=config.train.shuffle_buffer_size,
         ):
             rows = _decode_batch(batch_np)
             batch = collate_fn(rows, input_size=config.data.input_size).to(device)

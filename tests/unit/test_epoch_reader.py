@@ -134,3 +134,29 @@ def test_progress_is_silent_off_rank_zero():
         echo=lambda line: pytest.fail("printed"),
     )
     assert progress.update(step=1, loss=1.0, images=1) is None
+
+
+def _ids(batches):
+    return [int(v) for b in batches for v in b["id"]]
+
+
+def test_shuffle_buffer_is_seeded_complete_and_mixes():
+    import numpy as np
+
+    from preprocessing.epoch_reader import shuffled_batches
+
+    rows = [{"id": i, "blob": b"x" * i} for i in range(50)]
+
+    def run(seed, buffer=16):
+        rng = np.random.default_rng(seed)
+        return list(shuffled_batches(iter(rows), rng=rng, buffer_size=buffer, batch_size=8))
+
+    first = run(0)
+    assert [len(b["id"]) for b in first] == [8] * 6 + [2]
+    assert sorted(_ids(first)) == list(range(50))  # every row once
+    assert _ids(first) == _ids(run(0))  # seeded
+    assert _ids(first) != _ids(run(1))
+    assert _ids(first) != list(range(50))  # mixed
+    assert first[0]["blob"][0] == b"x" * int(first[0]["id"][0])  # columns stay aligned
+    # No buffer: the order of the rows as they came.
+    assert _ids(run(0, buffer=0)) == list(range(50))
