@@ -3,9 +3,11 @@
 The driver lists the training Parquet once per run (:func:`train_manifest`: each file and its
 row count, read from the footers). For every epoch, every Train worker computes the same seeded
 permutation of the files, lays their rows end to end and takes its own contiguous share of
-``total // world`` rows (:func:`epoch_slices`). It streams that share with a small Ray Data
-pipeline (:func:`epoch_dataset`): one read task per file slice, a fixed number of them in flight,
-output in a fixed order. So:
+``total // world`` rows (:func:`epoch_slices`). It streams the shares of all its remaining
+epochs as one Ray Data pipeline for the run (:class:`RankStream` over :func:`epoch_dataset`: one
+read task per file slice, a fixed number of them in flight, output in a fixed order), cuts it
+back into epochs by row count and mixes each epoch in a seeded shuffle buffer
+(:func:`shuffled_batches`). So:
 
 - every rank gets the same number of rows (DDP steps stay in lock step), every row is used at
   most once per epoch and at most ``world - 1`` rows are left out per epoch (a different few
@@ -14,9 +16,10 @@ output in a fixed order. So:
   worker's seeded local shuffle buffer the whole batch sequence is reproducible;
 - nothing is materialised: a rank holds a bounded number of file slices in flight, whatever the
   size of the dataset, and read tasks run anywhere in the cluster;
-- no per-epoch file listing: Ray Data's own Parquet reader lists and footer-reads the folder on
-  every execution (in Ray 2.60 with a pool of actors, each a new worker process), which made the
-  number of Ray worker processes grow with the number of epochs.
+- no per-epoch file listing and no per-epoch pipeline: Ray Data's own Parquet reader lists and
+  footer-reads the folder on every execution (in Ray 2.60 with a pool of actors, each a new
+  worker process), and a new pipeline each epoch had Ray start read workers again, so the
+  number of Ray worker processes grew with the number of epochs.
 """
 
 from __future__ import annotations
