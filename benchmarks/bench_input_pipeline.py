@@ -1,8 +1,9 @@
 """Benchmark of the training input pipeline against the model's step rate (a script, not a test).
 
-What one Ray Train worker's data side does, without the model: Ray Data reads the preprocessed
-training Parquet (``preprocessing.pipeline.load_split`` via ``workflows.train_loop.prepare_data``),
-``iter_batches(batch_format="numpy")`` with the training loop's local shuffle, then
+What one Ray Train worker's data side does, without the model: the training loop's reader
+(``workflows.train_loop.iter_train_batches``: this epoch's seeded file slices of the preprocessed
+training Parquet streamed by Ray Data, with the loop's seeded local shuffle buffer), as the only
+worker (world 1), then
 ``workflows.train_loop._decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
 PersonBatch, consumed by ONE consumer in this process. Measured per epoch (median of
 ``--epochs`` after a warm-up epoch) on a local Ray instance with ``--num-cpus`` CPUs:
@@ -39,21 +40,15 @@ from benchmarks import common  # noqa: E402
 common.limit_threads_env()
 
 
-def _iterate(ds, config, *, epoch: int, decode: bool) -> dict:
+def _iterate(files, config, *, epoch: int, decode: bool) -> dict:
     """One pass over ``ds`` as the training loop does: images, people and when the first batch
     arrived (``perf_counter``), to tell the per-epoch start-up from the steady rate."""
     from pose2seg.batch import collate
-    from workflows.train_loop import _decode_batch
+    from workflows.train_loop import _decode_batch, iter_train_batches
 
-    bs = config.train.batch_size
     images = people = first_images = 0
     first_at = None
-    for batch_np in ds.iter_batches(
-        batch_size=bs,
-        batch_format="numpy",
-        local_shuffle_buffer_size=4 * bs,
-        local_shuffle_seed=config.train.seed + 1000 * epoch,
-    ):
+    for batch_np in iter_train_batches(files, config=config, epoch=epoch, rank=0, world=1):
         if decode:
             batch = collate(_decode_batch(batch_np), input_size=config.data.input_size)
             n, p = batch.num_images, batch.num_people
@@ -67,6 +62,7 @@ def _iterate(ds, config, *, epoch: int, decode: bool) -> dict:
 
 
 def bench_ray_pass(ds, config, *, epochs: int, decode: bool) -> dict:
+    """``ds``: the training manifest (``(uri, rows)`` of each Parquet file)."""
     """Median over ``epochs`` timed passes (after one warm-up pass) of one consumer."""
     _iterate(ds, config, epoch=0, decode=decode)  # warm-up: Ray Data workers, imports, caches
     walls, cpus, own_cpus, latencies, steady = [], [], [], [], []
@@ -164,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     common.start_ray(args.num_cpus)
     try:
         data = prepare_data(config)
-        ds = data.train.limit(args.max_images) if args.max_images else data.train
+        ds = data.train_files
+        if args.max_images:
+            kept, total = [], 0
+            for uri, n in ds:
+                if total >= args.max_images:
+                    break
+                kept.append((uri, min(n, args.max_images - total)))
+                total += kept[-1][1]
+            ds = kept
         full = bench_ray_pass(ds, config, epochs=args.epochs, decode=True)
         print(
             f"Ray Data ({args.num_cpus} CPU) + decode + collate -> 1 consumer, "
@@ -182,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         bs = config.train.batch_size
-        numpy_batches = list(ds.iter_batches(batch_size=bs, batch_format="numpy"))
+        from workflows.train_loop import iter_train_batches
+
+        numpy_batches = list(iter_train_batches(ds, config=config, epoch=0, rank=0, world=1))
     finally:
         ray.shutdown()
 

@@ -208,6 +208,17 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     num_to_keep: int = 2
     """Checkpoints kept in storage."""
+    shuffle_buffer_size: int = 256
+    """Rows in each worker's seeded local shuffle buffer (on top of the per-epoch seeded file
+    order); capped at the worker's rows per epoch; 0 = file order only."""
+    read_concurrency: int = 1
+    """Parquet read tasks in flight per training worker (raise it when input is the bottleneck)."""
+    progress_every_steps: int = 0
+    """Print a progress line (rank 0) every this many steps; 0 = by time only."""
+    progress_every_seconds: float = 30.0
+    """Print a progress line (rank 0) at least this often inside an epoch; 0 = by steps only."""
+    mlflow_loss_every_steps: int = 10
+    """Log the training step loss (``step_loss``) to MLflow every this many steps; 0 = off."""
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
@@ -224,6 +235,11 @@ class TrainConfig:
         _check(self.dice_weight >= 0, "train.dice_weight", "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.num_to_keep >= 1, "train.num_to_keep", "must be >= 1")
+        _check(self.shuffle_buffer_size >= 0, "train.shuffle_buffer_size", "must be >= 0")
+        _check(self.read_concurrency >= 1, "train.read_concurrency", "must be >= 1")
+        _check(self.progress_every_steps >= 0, "train.progress_every_steps", "must be >= 0")
+        _check(self.progress_every_seconds >= 0, "train.progress_every_seconds", "must be >= 0")
+        _check(self.mlflow_loss_every_steps >= 0, "train.mlflow_loss_every_steps", "must be >= 0")
 
 
 @dataclass

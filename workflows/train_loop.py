@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -163,6 +164,153 @@ def worker_threads(config: Config) -> int:
     return max(1, int(round(config.train.cpus_per_worker)))
 
 
+def train_stream(
+    train_files: list[tuple[str, int]],
+    *,
+    config: Config,
+    first_epoch: int,
+    rank: int,
+    world: int,
+    runtime_env: dict[str, Any] | None = None,
+):
+    """This rank's training input from ``first_epoch`` to the last epoch, one Ray Data
+    execution for the run (:class:`preprocessing.epoch_reader.RankStream`): each epoch its
+    share of a seeded file order, through a seeded local shuffle buffer."""
+    from preprocessing.epoch_reader import RankStream, preserve_order
+    from preprocessing.pipeline import READ_CPUS
+
+    preserve_order()
+    return RankStream(
+        train_files,
+        seed=config.train.seed,
+        first_epoch=first_epoch,
+        epochs=config.train.epochs,
+        rank=rank,
+        world=world,
+        read_cpus=READ_CPUS,
+        concurrency=config.train.read_concurrency,
+        runtime_env=runtime_env,
+    )
+
+
+def iter_train_batches(
+    train_files: list[tuple[str, int]],
+    *,
+    config: Config,
+    epoch: int,
+    rank: int,
+    world: int,
+    runtime_env: dict[str, Any] | None = None,
+):
+    """This rank's training batches of one epoch (dicts of per-column arrays), the same the
+    loop gets for that epoch. Same config, seed and epoch -> same batches."""
+    stream = train_stream(
+        train_files,
+        config=config.with_overrides({"train.epochs": epoch + 1}),
+        first_epoch=epoch,
+        rank=rank,
+        world=world,
+        runtime_env=runtime_env,
+    )
+    yield from stream.epoch(
+        epoch,
+        batch_size=config.train.batch_size,
+        buffer_size=config.train.shuffle_buffer_size,
+    )
+
+
+def say(line: str) -> None:
+    """One console line from a Train worker. Not ``print``: Ray Train V2 patches it in its
+    workers to log through Train's logger and, when something wrapped ``sys.stdout``, to print
+    as well, so the driver's console showed every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class EpochProgress:
+    """Progress inside an epoch (rank 0): a line every ``train.progress_every_steps`` steps
+    and/or every ``train.progress_every_seconds`` seconds, and the step loss to MLflow every
+    ``train.mlflow_loss_every_steps`` steps."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        epoch: int,
+        steps_per_epoch: int,
+        first_epoch: int,
+        run_t0: float,
+        handle=None,
+        enabled: bool = True,
+        clock=time.time,
+        echo=None,
+    ):
+        self.config = config
+        self.epoch = epoch
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.first_epoch = first_epoch
+        self.run_t0 = run_t0
+        self.handle = handle
+        self.enabled = enabled
+        self.clock = clock
+        self.echo = echo or say
+        self.t0 = clock()
+        self.last_print = self.t0
+        self.epoch_step = 0
+        self.images = 0
+        self.window: list[float] = []
+        self.mlflow_window: list[float] = []
+
+    def update(self, *, step: int, loss: float, images: int) -> str | None:
+        """Record one step (``step``: global step count after it; ``images``: images of the
+        step over all ranks). Returns the printed line, if any."""
+        if not self.enabled:
+            return None
+        tc = self.config.train
+        self.epoch_step += 1
+        self.images += images
+        self.window.append(loss)
+        self.mlflow_window.append(loss)
+        every = tc.mlflow_loss_every_steps
+        if self.handle is not None and every > 0 and step % every == 0:
+            from workflows.mlflow_tracking import log_metrics
+
+            log_metrics(
+                self.handle,
+                {"step_loss": float(np.mean(self.mlflow_window))},
+                step=step,
+            )
+            self.mlflow_window = []
+        now = self.clock()
+        by_steps = tc.progress_every_steps > 0 and self.epoch_step % tc.progress_every_steps == 0
+        by_time = (
+            tc.progress_every_seconds > 0 and now - self.last_print >= tc.progress_every_seconds
+        )
+        if not (by_steps or by_time) or self.epoch_step >= self.steps_per_epoch:
+            return None
+        elapsed = max(now - self.t0, 1e-9)
+        per_step = elapsed / self.epoch_step
+        epoch_eta = per_step * (self.steps_per_epoch - self.epoch_step)
+        # The run's ETA: this epoch's pace for the rest of the epochs (validation not included).
+        epochs_left = self.config.train.epochs - self.epoch - 1
+        run_eta = epoch_eta + epochs_left * per_step * self.steps_per_epoch
+        line = (
+            f"[pose2seg] epoch {self.epoch + 1}/{self.config.train.epochs}  "
+            f"step {self.epoch_step}/{self.steps_per_epoch}  loss {np.mean(self.window):.4f}  "
+            f"{self.images / elapsed:.1f} img/s  ETA epoch {_mmss(epoch_eta)}  "
+            f"run {_mmss(run_eta)} (+ validation)"
+        )
+        self.echo(line)
+        self.window = []
+        self.last_print = now
+        return line
+
+
+def _mmss(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker. ``loop_config``: ``config`` (flat dict), ``templates``
     (T,K,2 list), ``steps_per_epoch``, ``mlflow`` (RunHandle fields or None), test hooks."""
@@ -231,8 +379,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         # layout tensor cores prefer on GPU. Weights only: activations follow the weights.
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    train_files = [(str(u), int(n)) for u, n in loop_config["train_files"]]
     handle = None
     if rank == 0 and loop_config.get("mlflow"):
         from workflows.mlflow_tracking import RunHandle
@@ -240,16 +388,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         handle = RunHandle(**loop_config["mlflow"])
 
     final_metrics: dict[str, Any] = {}
+    run_t0 = time.time()
+    stream = train_stream(
+        train_files,
+        config=config,
+        first_epoch=start_epoch,
+        rank=rank,
+        world=world,
+        runtime_env=loop_config.get("read_runtime_env"),
+    )
     for epoch in range(start_epoch, config.train.epochs):
         _maybe_inject_failure(loop_config, epoch=epoch, rank=rank)
         t0 = time.time()
         losses, people, images = [], 0, 0
+        start_step = step
         step_seconds = 0.0  # forward + backward + optimiser; the rest of the epoch is input
-        for batch_np in train_shard.iter_batches(
+        progress = EpochProgress(
+            config,
+            epoch=epoch,
+            steps_per_epoch=steps_per_epoch,
+            first_epoch=start_epoch,
+            run_t0=run_t0,
+            handle=handle,
+            enabled=rank == 0,
+        )
+        for batch_np in stream.epoch(
+            epoch,
             batch_size=config.train.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=4 * config.train.batch_size,
-            local_shuffle_seed=config.train.seed + 1000 * epoch + rank,
+            buffer_size=config.train.shuffle_buffer_size,
         ):
             rows = _decode_batch(batch_np)
             batch = collate_fn(rows, input_size=config.data.input_size).to(device)
@@ -269,7 +435,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             losses.append(stats["loss"])
             people += int(stats["num_people"])
             images += len(rows)
+            progress.update(step=step, loss=float(stats["loss"]), images=len(rows) * world)
         train_seconds = time.time() - t0
+        if rank == 0:
+            say(
+                f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  trained {step - start_step} "
+                f"steps in {train_seconds:.0f} s; validating"
+            )
         val = validate(model, val_shard, config=config, device=device, rank=rank, world=world)
         epoch_seconds = time.time() - t0
         metrics = {
@@ -282,17 +454,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             # collating batches (0 = the input pipeline never held the model up).
             "train_input_fraction": 1.0 - step_seconds / max(train_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
+            "train_seconds": train_seconds,
+            "val_seconds": epoch_seconds - train_seconds,
             **val,
         }
         history.append({k: float(v) for k, v in metrics.items()})
         if rank == 0:
-            print(
+            say(
                 f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
                 f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
                 f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
-                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s",
-                flush=True,
+                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s "
+                f"(train {train_seconds:.0f} s, val {epoch_seconds - train_seconds:.0f} s)"
             )
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -340,6 +514,8 @@ class PreparedData:
     templates: np.ndarray
     num_train_images: int
     summary: Any = None
+    train_files: list[tuple[str, int]] = field(default_factory=list)
+    """Every training Parquet file with its row count (the per-epoch reader's manifest)."""
 
 
 def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
@@ -348,10 +524,22 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
     from preprocessing.storage import join, read_bytes
 
     summary = preprocess_dataset(config, force=force)
+    from preprocessing.epoch_reader import list_parquet, whole_split_dataset
+    from preprocessing.pipeline import READ_CPUS, processed_dir
+
     train = load_split(config, "train")
+    # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
+    train_files = list_parquet(processed_dir(config, "train"))
     # The val split is read by every worker every epoch: materialise it once in the object
     # store instead of re-running its read tasks (which also compete for CPUs) each time.
-    val = load_split(config, "val").materialize()
+    # Read from a file list (no Ray Data Parquet listing: its footer-reader actors are each a
+    # new worker process).
+    val = whole_split_dataset(
+        processed_dir(config, "val"),
+        read_cpus=READ_CPUS,
+        concurrency=2,
+        runtime_env=_runtime_env(),
+    ).materialize()
     import io
 
     templates = np.load(
@@ -363,13 +551,15 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
         train=train,
         val=val,
         templates=templates.astype(np.float32),
-        num_train_images=train.count(),
+        num_train_images=sum(n for _, n in train_files),
         summary=summary,
+        train_files=train_files,
     )
 
 
 def steps_per_epoch(config: Config, num_train_images: int) -> int:
-    # Ray Data's streaming split gives every worker an equal share; the last batch may be short.
+    # Every worker trains on the same number of rows (preprocessing.epoch_reader); the last
+    # batch may be short.
     per_worker = num_train_images // config.train.num_workers
     return max(1, math.ceil(per_worker / config.train.batch_size))
 
@@ -391,6 +581,8 @@ def build_trainer(
         "config": config.to_flat(),
         "templates": data.templates.tolist(),
         "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
+        "train_files": [[u, int(n)] for u, n in data.train_files],
+        "read_runtime_env": _runtime_env(),
         "mlflow": mlflow,
         **(test_hooks or {}),
     }
@@ -419,9 +611,17 @@ def build_trainer(
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": data.train, "val": data.val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Training input is read per epoch and per rank (iter_train_batches); only the
+        # materialised val split goes through Ray Train, whole to every worker.
+        datasets={"val": data.val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    from preprocessing.pipeline import _runtime_env as read_env
+
+    return read_env()
 
 
 def _storage_path(path: str) -> str:

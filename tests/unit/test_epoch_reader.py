@@ -1,0 +1,162 @@
+"""The per-epoch, per-rank training input (no Ray): file manifest, seeded slices, slice reads;
+and the progress lines inside an epoch."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pose2seg.config import Config
+from preprocessing.epoch_reader import (
+    epoch_file_order,
+    epoch_slices,
+    list_parquet,
+    read_slices,
+    rows_per_rank,
+)
+
+MANIFEST = [(f"f{i}.parquet", n) for i, n in enumerate([32, 32, 32, 32, 32, 17])]
+
+
+def _rows(slices):
+    return [(u, r) for u, a, b in slices for r in range(a, b)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_rank_gets_the_same_number_of_distinct_rows(world):
+    total = sum(n for _, n in MANIFEST)
+    seen = []
+    for rank in range(world):
+        rows = _rows(epoch_slices(MANIFEST, epoch=3, seed=7, rank=rank, world=world))
+        assert len(rows) == rows_per_rank(MANIFEST, world) == total // world
+        seen.extend(rows)
+    assert len(set(seen)) == len(seen)  # no row twice in an epoch
+    assert total - len(seen) < world  # at most world-1 rows left out
+
+
+def test_file_order_is_seeded_and_changes_every_epoch():
+    orders = [epoch_file_order(MANIFEST, epoch=e, seed=0) for e in range(4)]
+    assert orders[0] == epoch_file_order(MANIFEST, epoch=0, seed=0)
+    assert len({tuple(u for u, _ in o) for o in orders}) > 1
+    assert epoch_file_order(MANIFEST, epoch=0, seed=1) != orders[0] or (
+        epoch_file_order(MANIFEST, epoch=1, seed=1) != orders[1]
+    )
+    assert sorted(orders[2]) == sorted(MANIFEST)
+
+
+def test_slices_reject_a_bad_rank():
+    with pytest.raises(ValueError, match="rank 2"):
+        epoch_slices(MANIFEST, epoch=0, seed=0, rank=2, world=2)
+
+
+def test_manifest_and_slice_reads_from_real_parquet(tmp_path):
+    for i, n in enumerate([5, 3]):
+        pq.write_table(
+            pa.table({"v": list(range(100 * i, 100 * i + n))}), tmp_path / f"{i}.parquet"
+        )
+    (tmp_path / "notes.txt").write_text("not parquet")
+    manifest = list_parquet(str(tmp_path))
+    assert [(p.rsplit("/", 1)[-1], n) for p, n in manifest] == [("0.parquet", 5), ("1.parquet", 3)]
+    batch = pa.table({"uri": [manifest[0][0], manifest[1][0]], "start": [1, 0], "stop": [4, 2]})
+    assert read_slices(batch).column("v").to_pylist() == [1, 2, 3, 100, 101]
+    bad = pa.table({"uri": [manifest[1][0]], "start": [0], "stop": [9]})
+    with pytest.raises(ValueError, match="1.parquet: has 3 rows"):
+        read_slices(bad)
+
+
+def test_manifest_of_an_empty_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        list_parquet(str(tmp_path))
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_prints_by_steps_and_time_with_eta():
+    from workflows.train_loop import EpochProgress
+
+    cfg = Config().with_overrides(
+        {"train.epochs": 3, "train.progress_every_steps": 4, "train.progress_every_seconds": 30}
+    )
+    clock, lines = _Clock(), []
+    progress = EpochProgress(
+        cfg,
+        epoch=0,
+        steps_per_epoch=10,
+        first_epoch=0,
+        run_t0=clock.t,
+        clock=clock,
+        echo=lines.append,
+    )
+    printed = []
+    for step in range(1, 11):
+        clock.t += 2.0  # 2 s per step of 16 images
+        printed.append(progress.update(step=step, loss=1.0 / step, images=16))
+    assert [i + 1 for i, p in enumerate(printed) if p] == [4, 8]  # never on the last step
+    assert lines[0].startswith("[pose2seg] epoch 1/3  step 4/10  loss 0.5208")
+    assert "8.0 img/s" in lines[0]
+    # 6 steps left at 2 s -> 0:12; the run: + 2 more epochs of 10 steps -> 0:52.
+    assert "ETA epoch 0:12" in lines[0] and "run 0:52" in lines[0]
+    # By time only: a slow step prints at once.
+    cfg_t = cfg.with_overrides({"train.progress_every_steps": 0})
+    progress = EpochProgress(
+        cfg_t,
+        epoch=2,
+        steps_per_epoch=10,
+        first_epoch=0,
+        run_t0=clock.t,
+        clock=clock,
+        echo=lambda line: None,
+    )
+    clock.t += 5
+    assert progress.update(step=1, loss=1.0, images=8) is None
+    clock.t += 31
+    assert "epoch 3/3  step 2/10" in progress.update(step=2, loss=1.0, images=8)
+
+
+def test_progress_is_silent_off_rank_zero():
+    from workflows.train_loop import EpochProgress
+
+    cfg = Config().with_overrides({"train.progress_every_steps": 1})
+    progress = EpochProgress(
+        cfg,
+        epoch=0,
+        steps_per_epoch=5,
+        first_epoch=0,
+        run_t0=0.0,
+        enabled=False,
+        echo=lambda line: pytest.fail("printed"),
+    )
+    assert progress.update(step=1, loss=1.0, images=1) is None
+
+
+def _ids(batches):
+    return [int(v) for b in batches for v in b["id"]]
+
+
+def test_shuffle_buffer_is_seeded_complete_and_mixes():
+    import numpy as np
+
+    from preprocessing.epoch_reader import shuffled_batches
+
+    rows = [{"id": i, "blob": b"x" * i} for i in range(50)]
+
+    def run(seed, buffer=16):
+        rng = np.random.default_rng(seed)
+        return list(shuffled_batches(iter(rows), rng=rng, buffer_size=buffer, batch_size=8))
+
+    first = run(0)
+    assert [len(b["id"]) for b in first] == [8] * 6 + [2]
+    assert sorted(_ids(first)) == list(range(50))  # every row once
+    assert _ids(first) == _ids(run(0))  # seeded
+    assert _ids(first) != _ids(run(1))
+    assert _ids(first) != list(range(50))  # mixed
+    assert first[0]["blob"][0] == b"x" * int(first[0]["id"][0])  # columns stay aligned
+    # No buffer: the order of the rows as they came.
+    assert _ids(run(0, buffer=0)) == list(range(50))
