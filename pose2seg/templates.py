@@ -485,10 +485,12 @@ def assign_templates(
         scores[ok] = np.exp(-cost[rows, best][ok] / (2 * SCORE_TAU**2))
         scores[~ok] = 0.0
         fallback = degenerate.copy()
-        use_box = np.zeros(n, dtype=bool)
-        if fallback.any():
-            affines[fallback] = fallback_affines(
-                keypoints[fallback],
+        # Only a caller-given box can place a person without any usable keypoint.
+        use_box = degenerate & ~usable.any(axis=1)
+        from_keypoints = degenerate & ~use_box
+        if from_keypoints.any():
+            affines[from_keypoints] = fallback_affines(
+                keypoints[from_keypoints],
                 templates,
                 roi_size=roi_size,
                 image_hw=image_hw,
