@@ -8,9 +8,9 @@ from preprocessing), the skeleton features are rendered here in float, and peopl
 keypoints cannot define the affine get the keypoint-only fallback (:mod:`pose2seg.fallback`).
 
 The path has two steps, so a cache can enter between them without changing a pixel:
-:func:`to_input_frame` (resize the image to the input frame with :func:`resize_to_input_frame`,
-scale the keypoints) and :meth:`Predictor.predict_frames` (the network and the warp back).
-Preprocessing stores exactly what :func:`resize_to_input_frame` returns, so validation can
+:func:`to_input_frame` (resize the image to the input frame and scale the keypoints, with
+:mod:`pose2seg.input_frame`) and :meth:`Predictor.predict_frames` (the network and the warp back).
+Preprocessing stores exactly what :func:`resize_to_input_frame` returns (the same function), so validation can
 start from the stored input-frame image (lossless PNG) instead of the original file.
 
 People with no usable keypoint (all v = 0) cannot be aligned: the Predictor returns no result
@@ -25,12 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
 from pose2seg.batch import normalise_images
 from pose2seg.config import ModelConfig
+from pose2seg.input_frame import (
+    input_frame_keypoints,
+    input_frame_size,
+    resize_to_input_frame,
+)
 from pose2seg.ops import render_skeleton_features, transform_keypoints, warp_aligned_to_image
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import assign_templates
@@ -47,38 +51,6 @@ __all__ = [
 ]
 
 PERSON_CATEGORY_ID: int = 1
-
-
-def input_frame_size(orig_hw: tuple[int, int], input_size: int) -> tuple[float, int, int]:
-    """``(scale, h, w)`` of the input frame: longer side = ``input_size``, input = orig * scale."""
-    orig_h, orig_w = int(orig_hw[0]), int(orig_hw[1])
-    if orig_h < 1 or orig_w < 1:
-        raise ValueError(f"image size must be positive, got {orig_h}x{orig_w}")
-    scale = input_size / max(orig_h, orig_w)
-    h = min(input_size, max(1, round(orig_h * scale)))
-    w = min(input_size, max(1, round(orig_w * scale)))
-    return scale, h, w
-
-
-def resize_to_input_frame(image: np.ndarray, input_size: int) -> tuple[np.ndarray, float]:
-    """The input frame of an original image: ``(h, w, 3)`` uint8 with the longer side
-    ``input_size`` (antialiased bilinear, torch), and ``scale`` (input = orig * scale).
-
-    Preprocessing stores this image and :func:`to_input_frame` computes it: the one resize.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    scale, h, w = input_frame_size(image.shape[:2], input_size)
-    return _resize(image, h, w).numpy(), scale
-
-
-def input_frame_keypoints(keypoints: np.ndarray, scale: float) -> np.ndarray:
-    """``(N, K, 3)`` original-frame keypoints -> float32 input-frame keypoints (x, y times
-    ``scale``, visibility kept). Preprocessing and :func:`to_input_frame` both use this."""
-    out = np.array(keypoints, dtype=np.float32).reshape(-1, NUM_KEYPOINTS, 3)
-    out[..., :2] *= np.float32(scale)
-    return out
 
 
 @dataclass
@@ -390,12 +362,3 @@ class Predictor:
                 )
             start += n
         return results
-
-
-def _resize(image: np.ndarray, h: int, w: int) -> torch.Tensor:
-    """(H,W,3) uint8 -> (h,w,3) uint8, antialiased bilinear."""
-    if image.shape[:2] == (h, w):
-        return torch.from_numpy(np.ascontiguousarray(image))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)

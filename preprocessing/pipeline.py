@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.input_frame import input_frame_keypoints, resize_to_input_frame
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 from pose2seg.templates import apply_affine, assign_templates, fit_pose_templates
 from preprocessing import schema
@@ -133,6 +134,8 @@ class ShardSettings:
     heatmap_sigma_px: float
     paf_width_px: float
     image_encoding: str
+    fallback: str = "keypoints"
+    fallback_min_size: float = 0.25
 
     @classmethod
     def from_config(cls, config: Config, split: str) -> ShardSettings:
@@ -143,7 +146,11 @@ class ShardSettings:
             alignment=config.model.alignment,
             heatmap_sigma_px=config.model.heatmap_sigma_px,
             paf_width_px=config.model.paf_width_px,
-            image_encoding=config.data.image_encoding,
+            # Validation predicts from the stored input-frame image (pose2seg.inference): a
+            # lossless copy keeps its masks equal to evaluate.py's from the original file.
+            image_encoding="png" if split == "val" else config.data.image_encoding,
+            fallback=config.model.fallback,
+            fallback_min_size=config.model.fallback_min_size,
         )
 
 
@@ -165,17 +172,6 @@ def _rle_counts(mask: np.ndarray) -> str:
 
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     return rle["counts"].decode("ascii")
-
-
-def resize_image(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, bilinear with anti-aliasing (PIL)."""
-    from PIL import Image
-
-    h, w = out_hw
-    if pixels.shape[:2] == (h, w):
-        return np.ascontiguousarray(pixels, dtype=np.uint8)
-    pil = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def resize_mask(mask: np.ndarray, out_hw: tuple[int, int], padded: int) -> np.ndarray:
@@ -232,9 +228,10 @@ def process_image(
     if pixels.ndim != 3 or pixels.shape[:2] != (height, width) or pixels.shape[2] != 3:
         detail = f"pixels {pixels.shape} do not match the annotated size {height}x{width}"
         return None, [_reject(split, record, None, REASON_BAD_IMAGE_SIZE, detail)]
-    scale = settings.input_size / max(height, width)
-    new_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = resize_image(pixels, new_hw)
+    # The one resize of the prediction path (pose2seg.input_frame), so the stored image is the
+    # input frame every inference path computes from the original file.
+    image, scale = resize_to_input_frame(pixels, settings.input_size)
+    new_hw = (int(image.shape[0]), int(image.shape[1]))
 
     rejects: list[dict[str, Any]] = []
     ignore = [_rle_counts(np.asarray(c.mask, dtype=bool)) for c in record.crowd]
@@ -264,14 +261,18 @@ def process_image(
     keypoints = np.zeros((n, NUM_KEYPOINTS, 3), dtype=np.float32)
     for i, person in enumerate(kept):
         keypoints[i] = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
-    keypoints[..., :2] *= scale
+    keypoints = input_frame_keypoints(keypoints, scale)
     bboxes = np.array([np.asarray(p.bbox, dtype=np.float32) for p in kept]).reshape(n, 4)
+    # No ground-truth box: the training targets are warped with the transform inference
+    # computes from the keypoints alone (including the fallback of degenerate poses).
     assignment = assign_templates(
         keypoints,
         templates,
         roi_size=size,
         alignment=settings.alignment,
-        boxes=bboxes.astype(np.float64) * scale,
+        image_hw=new_hw,
+        fallback_mode=settings.fallback,
+        fallback_min_size=settings.fallback_min_size,
     )
     skeleton = render_quantised_skeleton_features(
         apply_affine(keypoints, assignment.affines),
