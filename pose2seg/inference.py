@@ -290,7 +290,7 @@ class Predictor:
                     f"image {frame.image_id}: input-frame image must be (h, w, 3) uint8 with "
                     f"h, w <= {self.input_size}, got {image.shape} {image.dtype}"
                 )
-            padded[b, :h, :w] = torch.from_numpy(np.ascontiguousarray(image))
+            padded[b, :h, :w] = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
             kpts_in = np.asarray(frame.keypoints, dtype=np.float32).reshape(-1, NUM_KEYPOINTS, 3)
             image_boxes = None if boxes is None or boxes[b] is None else np.asarray(boxes[b])
             keep = (kpts_in[..., 2] > 0).any(axis=1)
