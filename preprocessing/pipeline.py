@@ -400,6 +400,9 @@ class SplitSummary:
     """People lost by reason: a rejected image counts the person annotations it held."""
     shards: int = 0
     seconds: float = 0.0
+    people_template_none: int = 0
+    """Kept people with ``template_id = -1``: the keypoint fallback (pose alignment) or
+    everyone (box alignment)."""
 
     @property
     def reject_fraction(self) -> float:
@@ -540,7 +543,7 @@ def _stored_split_stats(uri: str) -> dict[str, Any]:
 
     fs, files = _parquet_files(uri)
     image_ids: list[int] = []
-    people = 0
+    people = template_none = 0
     column_bytes: Counter[str] = Counter()
     for path in files:
         with fs.open_input_file(path) as fh:
@@ -551,13 +554,17 @@ def _stored_split_stats(uri: str) -> dict[str, Any]:
                 for c in range(group.num_columns):
                     column = group.column(c)
                     column_bytes[column.path_in_schema] += column.total_compressed_size
-            table = parquet.read(columns=[schema.IMAGE_ID, schema.NUM_PEOPLE])
+            table = parquet.read(columns=[schema.IMAGE_ID, schema.NUM_PEOPLE, schema.TEMPLATE_IDS])
         image_ids.extend(table.column(schema.IMAGE_ID).to_pylist())
         people += int(sum(table.column(schema.NUM_PEOPLE).to_pylist()))
+        template_none += sum(
+            t == -1 for ids in table.column(schema.TEMPLATE_IDS).to_pylist() for t in ids or []
+        )
     return {
         "files": len(files),
         "image_ids": image_ids,
         "people": people,
+        "template_none": int(template_none),
         "column_bytes": column_bytes,
     }
 
@@ -680,10 +687,12 @@ def _run_split(
         people_rejected=dict(sorted(people_rejected.items())),
         shards=len(items),
         seconds=time.perf_counter() - start,
+        people_template_none=stats["template_none"],
     )
     print(
         f"preprocess[{split}]: images in {summary.images_in}, rows out {summary.rows_out}, people "
-        f"out {summary.people_out}, people rejected {summary.people_rejected or 'none'} in "
+        f"out {summary.people_out} ({summary.people_template_none} without a template: "
+        f"fallback RoI or box alignment), people rejected {summary.people_rejected or 'none'} in "
         f"{summary.seconds:.1f} s",
         flush=True,
     )

@@ -37,6 +37,36 @@ def _pycocotools_ap(annotation_file: str, results_file: str) -> float:
     return float(ev.stats[0])
 
 
+def _validation_masks(config, checkpoint_path: str) -> dict[tuple[int, int], dict]:
+    """(image id, person index) -> RLE, predicted from the stored val rows by the function
+    training-time validation calls (``predict_rows``) with the checkpoint's weights."""
+    import torch
+
+    from pose2seg.checkpoint import load_checkpoint
+    from pose2seg.model import build_model
+    from preprocessing.pipeline import load_split
+    from workflows.train_loop import load_validation_data, predict_rows
+
+    loaded = load_checkpoint(checkpoint_path)
+    model = build_model(loaded.config.model)
+    model.load_state_dict(loaded.model_state)
+    rows = load_split(config, "val").take_all()
+    results = predict_rows(
+        model,
+        rows,
+        config=loaded.config,
+        device=torch.device("cpu"),
+        templates=loaded.templates,
+        keypoints=load_validation_data(config).keypoints,
+    )
+    return {(r["image_id"], r["person_index"]): r["segmentation"] for r in results}
+
+
+def _evaluate_masks(results_path: str) -> dict[tuple[int, int], dict]:
+    results = json.loads(open(results_path).read())
+    return {(r["image_id"], r["person_index"]): r["segmentation"] for r in results}
+
+
 def test_validation_ap_is_evaluate_ap_on_the_synthetic_set(trained, tmp_path):
     from workflows.evaluate import run_evaluate
 
@@ -50,6 +80,11 @@ def test_validation_ap_is_evaluate_ap_on_the_synthetic_set(trained, tmp_path):
     assert abs(out.metrics["segm_ap"] - logged) <= AP_TOLERANCE, (out.metrics["segm_ap"], logged)
     # And it is pycocotools on the written files, unchanged.
     assert out.metrics["segm_ap"] == _pycocotools_ap(out.gt_path, out.results_path)
+    # Beyond the AP: validation's masks are evaluate.py's, pixel for pixel.
+    evaluated = _evaluate_masks(out.results_path)
+    assert len(evaluated) > 0
+    assert _validation_masks(config, outcome.checkpoint_path) == evaluated
+    print(f"synthetic val AP: validation {logged:.4f}, evaluate.py {out.metrics['segm_ap']:.4f}")
 
 
 def _coco_sample_with_degenerate_people(coco_sample_dir, root) -> None:
@@ -118,6 +153,11 @@ def test_validation_ap_is_evaluate_ap_on_the_real_coco_sample(trained, coco_samp
         assert out.metrics["num_fallback"] == 2 == metrics["val_num_fallback"]
         assert metrics["val_num_images_predicted"] == 4
         assert abs(out.metrics["segm_ap"] - metrics["val_segm_ap"]) <= AP_TOLERANCE, protocol
+        assert _validation_masks(cfg, outcome.checkpoint_path) == _evaluate_masks(out.results_path)
+        print(
+            f"COCO sample ({protocol}): validation AP {metrics['val_segm_ap']:.4f}, "
+            f"evaluate.py {out.metrics['segm_ap']:.4f}"
+        )
         assert out.metrics["segm_ap"] == _pycocotools_ap(out.gt_path, out.results_path)
         people = 12 if protocol == "ignore" else 14  # the 2 without keypoints: ignored or missed
         assert out.metrics["num_people"] == people == metrics["val_num_people"]
