@@ -117,12 +117,11 @@ class ValidationData:
     """image id -> (N,K,3) ground-truth keypoints given to the model."""
 
 
-def load_validation_data(config: Config, annotations_uri: str | None = None) -> ValidationData:
+def load_validation_data(config: Config) -> ValidationData:
     """The val split's annotation file read exactly as ``evaluate.py --split val`` reads it."""
     from workflows.eval_io import gt_keypoints, load_gt, protocol_gt, split_paths, with_max_iou
 
-    uri = annotations_uri or split_paths(config, "val")[0]
-    raw = with_max_iou(load_gt(uri))
+    raw = with_max_iou(load_gt(split_paths(config, "val")[0]))
     return ValidationData(gt=protocol_gt(raw, config.eval.protocol), keypoints=gt_keypoints(raw))
 
 
@@ -288,7 +287,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    val_data = load_validation_data(config, loop_config.get("val_annotations"))
+    if loop_config.get("val_data"):
+        import ray
+
+        val_data = ray.get(loop_config["val_data"][0])
+    else:
+        val_data = load_validation_data(config)
     handle = None
     if rank == 0 and loop_config.get("mlflow"):
         from workflows.mlflow_tracking import RunHandle
@@ -447,17 +451,18 @@ def build_trainer(
     test_hooks: dict[str, Any] | None = None,
 ):
     """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from workflows.eval_io import split_paths
 
     loop_config = {
         "config": config.to_flat(),
         "templates": data.templates.tolist(),
         "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
-        # Validation reads the val annotation file itself (evaluate.py's ground truth).
-        "val_annotations": _absolute_uri(split_paths(config, "val")[0]),
+        # Validation scores against the val annotation file as evaluate.py reads it: read
+        # once here and handed to the workers through the object store (a list, so Ray passes
+        # the reference instead of resolving it into the config).
+        "val_data": [ray.put(load_validation_data(config))],
         "mlflow": mlflow,
         **(test_hooks or {}),
     }
@@ -489,10 +494,6 @@ def build_trainer(
         datasets={"train": data.train, "val": data.val},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-
-
-def _absolute_uri(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _storage_path(path: str) -> str:

@@ -83,8 +83,26 @@ def test_validation_ap_is_evaluate_ap_on_the_synthetic_set(trained, tmp_path):
     # Beyond the AP: validation's masks are evaluate.py's, pixel for pixel.
     evaluated = _evaluate_masks(out.results_path)
     assert len(evaluated) > 0
+    from pycocotools import mask as mask_utils
+
+    assert sum(mask_utils.area(_rle_bytes(r)) > 0 for r in evaluated.values()) > 0
     assert _validation_masks(config, outcome.checkpoint_path) == evaluated
     print(f"synthetic val AP: validation {logged:.4f}, evaluate.py {out.metrics['segm_ap']:.4f}")
+
+
+def _offset_checkpoint(src: str, dst, offset: float) -> str:
+    """A copy of a checkpoint whose mask logits are shifted by ``offset``: the tiny test model
+    scores AP 0 on its own, and a parity of zeros would prove little."""
+    import torch
+
+    from pose2seg.checkpoint import MODEL_FILE
+
+    shutil.copytree(src, dst)
+    path = dst / MODEL_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["seg.head.bias"] = state["seg.head.bias"] + offset
+    torch.save(state, path)
+    return str(dst)
 
 
 def _coco_sample_with_degenerate_people(coco_sample_dir, root) -> None:
@@ -115,6 +133,7 @@ def test_validation_ap_is_evaluate_ap_on_the_real_coco_sample(trained, coco_samp
     from workflows.train_loop import load_validation_data, validate
 
     config, outcome = trained
+    checkpoint = _offset_checkpoint(outcome.checkpoint_path, tmp_path / "checkpoint", 2.0)
     root = tmp_path / "coco"
     _coco_sample_with_degenerate_people(coco_sample_dir, root)
     config = config.with_overrides(
@@ -133,7 +152,7 @@ def test_validation_ap_is_evaluate_ap_on_the_real_coco_sample(trained, coco_samp
     for protocol in ("ignore", "miss"):
         cfg = config.with_overrides({"eval.protocol": protocol})
         preprocess_dataset(cfg)
-        loaded = load_checkpoint(outcome.checkpoint_path)
+        loaded = load_checkpoint(checkpoint)
         model = build_model(loaded.config.model)
         model.load_state_dict(loaded.model_state)
         metrics = validate(
@@ -163,9 +182,14 @@ def test_validation_ap_is_evaluate_ap_on_the_real_coco_sample(trained, coco_samp
         assert out.metrics["num_people"] == people == metrics["val_num_people"]
 
 
+def _rle_bytes(rle: dict) -> dict:
+    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+
+
 def test_pyfunc_masks_are_evaluate_masks_pixel_for_pixel(trained, coco_sample_dir, tmp_path):
     import mlflow
     import pandas as pd
+    from pycocotools import mask as mask_utils
 
     from workflows.evaluate import run_evaluate
 
@@ -186,7 +210,7 @@ def test_pyfunc_masks_are_evaluate_masks_pixel_for_pixel(trained, coco_sample_di
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(model_ref)
     gt = json.loads((coco_sample_dir / "person_keypoints_sample.json").read_text())
-    compared = 0
+    compared = nonempty = 0
     for image in gt["images"]:
         people = [
             a["keypoints"]
@@ -208,7 +232,8 @@ def test_pyfunc_masks_are_evaluate_masks_pixel_for_pixel(trained, coco_sample_di
             assert row["score"] == pytest.approx(res["score"], abs=1e-6)
             assert row["person_index"] == res["person_index"]
             compared += 1
-    assert compared == 12
+            nonempty += int(mask_utils.area(_rle_bytes(res["segmentation"])) > 0)
+    assert compared == 12 and nonempty > 0
 
 
 def test_ochuman_shaped_dataset_gets_both_tables_in_one_command(
