@@ -30,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pose2seg.config import Config  # noqa: E402
+from pose2seg.config import Config, ConfigError  # noqa: E402
 from workflows.cli import (  # noqa: E402
     add_config_args,
     config_from_args,
@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     splits = args.split or config.eval.default_splits
     for split in splits:
-        split_paths(config, split)  # an unknown name fails before any cluster work
+        try:
+            split_paths(config, split)  # an unknown name fails before any cluster work
+        except ValueError as exc:
+            raise ConfigError(f"--split: {exc}") from None
     model_ref = resolve_model_and_connect(args.model, config, args.address)
     out = run_evaluate_splits(
         config,

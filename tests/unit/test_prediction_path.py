@@ -174,3 +174,13 @@ def test_protocol_ignore_turns_people_without_keypoints_into_ignore_regions():
     assert gt_keypoints(gt)[1].shape == (1, 17, 3)
     with pytest.raises(ValueError, match="eval.protocol"):
         protocol_gt(gt, "strict")
+
+
+def test_evaluate_rejects_an_unknown_split_before_any_cluster_work(capsys):
+    from workflows.cli import run_main
+    from workflows.evaluate import main
+
+    code = run_main(main, ["--split", "val", "tset", "--set", "data.root=/nonexistent"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown split 'tset'" in err and "val" in err
