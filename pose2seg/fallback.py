@@ -123,6 +123,8 @@ def fallback_affines(
                 "aligned and must be rejected by the caller"
             )
         pts = keypoints[i, usable, :2]  # (M, 2) image pixels
+        if not np.isfinite(pts).all():
+            raise ValueError(f"fallback_affines: person {i} has non-finite usable keypoints")
         mu_pts = pts.mean(axis=0)
         spread_pts = np.sqrt(((pts - mu_pts) ** 2).sum(-1).mean())
         best_cost, best_side, best_mu_tpl = np.inf, side_min, None

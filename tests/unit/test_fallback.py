@@ -116,6 +116,10 @@ def test_errors_name_the_problem():
         fallback_affines(np.zeros((1, 17, 3)), templates, roi_size=S, image_hw=IMAGE_HW)
     with pytest.raises(ValueError, match="image_hw"):
         fallback_affines(_only([0])[None], templates, roi_size=S, image_hw=None, mode="image")
+    nan = _only([0])
+    nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        fallback_affines(nan[None], templates, roi_size=S, image_hw=IMAGE_HW)
     with pytest.raises(ValueError, match="fallback mode"):
         fallback_affines(_only([0])[None], templates, roi_size=S, image_hw=IMAGE_HW, mode="box")
 
