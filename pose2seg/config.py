@@ -134,6 +134,15 @@ class ModelConfig:
     exclusive_masks: bool = True
     """Visible masks do not overlap: a pixel claimed by several people of an image goes to the
     one with the highest probability (false: each person's mask on its own, as in the paper)."""
+    mask_score: str = "mean_prob"
+    """Score of a predicted mask: ``mean_prob`` (mean probability inside the mask) or ``one``
+    (every mask scores 1, as the official Pose2Seg code does)."""
+    fallback: str = "keypoints"
+    """RoI of people whose keypoints cannot define the affine (< 3 usable or collinear):
+    ``keypoints`` (sized from the person's own keypoints, see pose2seg/fallback.py) or ``image``
+    (the whole image letterboxed into the RoI, as the official code does)."""
+    fallback_min_size: float = 0.25
+    """``keypoints`` fallback: smallest RoI side, as a fraction of the image's longer side."""
 
     def validate(self) -> None:
         _one_of(self.arch, "model.arch", ("pose2seg", "maskrcnn"))
@@ -154,6 +163,9 @@ class ModelConfig:
         _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
         _check(self.paf_width_px > 0, "model.paf_width_px", "must be > 0")
         _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
+        _one_of(self.mask_score, "model.mask_score", ("mean_prob", "one"))
+        _one_of(self.fallback, "model.fallback", ("keypoints", "image"))
+        _check(0.0 < self.fallback_min_size <= 2.0, "model.fallback_min_size", "must be in (0, 2]")
         if self.pretrained_backbone and "://" not in self.pretrained_backbone:
             _check(
                 os.path.isfile(self.pretrained_backbone),
@@ -304,6 +316,17 @@ class EvalConfig:
     max_reject_fraction: float = 0.1
     """evaluate/predict fail if more than this fraction of images is rejected (unreadable or
     unsafe path); below it the rejects are listed in ``rejects.json`` and the job goes on."""
+    protocol: str = "ignore"
+    """People without any labelled keypoint: ``ignore`` (ignore regions, like crowds; the
+    paper's protocol, which evaluates the people that have keypoints) or ``miss`` (they stay
+    ground truth a pose-based model never segments: strict). Crowd regions are always ignore
+    regions (COCOeval's rule). The same in training-time validation and evaluate.py."""
+    splits: dict[str, dict] = field(default_factory=dict)
+    """Named evaluation splits: ``{name: {annotations: FILE, images: FOLDER}}`` (relative to
+    ``data.root`` unless absolute/URI). ``train`` and ``val`` are always known (the data.*
+    keys) unless declared here."""
+    default_splits: list[str] = field(default_factory=lambda: ["val"])
+    """Splits evaluate.py evaluates when no ``--split`` is given."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -318,6 +341,34 @@ class EvalConfig:
         _check(
             0.0 <= self.max_reject_fraction <= 1.0, "eval.max_reject_fraction", "must be in [0, 1]"
         )
+        _one_of(self.protocol, "eval.protocol", ("ignore", "miss"))
+        _check(isinstance(self.splits, dict), "eval.splits", "must be a mapping")
+        for name, body in self.splits.items():
+            key = f"eval.splits.{name}"
+            _check(
+                isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
+                key,
+                "split names are letters, digits, '_' and '-'",
+            )
+            _check(
+                isinstance(body, dict) and set(body) == {"annotations", "images"},
+                key,
+                f"must be a mapping with exactly 'annotations' and 'images', got {body!r}",
+            )
+            for part in ("annotations", "images"):
+                _check(
+                    isinstance(body[part], str) and bool(body[part]),
+                    f"{key}.{part}",
+                    "must be a non-empty string",
+                )
+        _check(len(self.default_splits) >= 1, "eval.default_splits", "must name a split")
+        known = {"train", "val", *self.splits}
+        for name in self.default_splits:
+            _check(
+                name in known,
+                "eval.default_splits",
+                f"unknown split {name!r}; known: {sorted(known)}",
+            )
 
 
 @dataclass
@@ -386,12 +437,14 @@ PREPROCESS_KEYS: tuple[str, ...] = (
     "model.alignment",
     "model.heatmap_sigma_px",
     "model.paf_width_px",
+    "model.fallback",
+    "model.fallback_min_size",
 )
 
 
 # Bump when the preprocessing code changes what it writes (template frame, features, schema):
 # old Parquet variants then stop matching instead of being silently reused.
-PREPROCESS_FORMAT_VERSION: int = 2
+PREPROCESS_FORMAT_VERSION: int = 3
 
 
 def _coerce(key: str, value: Any) -> Any:

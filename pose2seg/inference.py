@@ -1,41 +1,91 @@
-"""Inference: aligned logits back to image masks, COCO RLE results, and a Predictor that goes
-from an image and COCO keypoints to COCO results.
+"""Inference: the one prediction path from an image and its people's keypoints to COCO results.
 
-People with no usable keypoint (all v = 0) and no box cannot be aligned (docs/ARCHITECTURE.md):
-the Predictor returns no result for them.
+:class:`Predictor` is the only code that turns (image, keypoints) into masks and scores:
+training-time validation, ``evaluate.py``, ``predict.py``, the Ray Data batch inference and the
+MLflow pyfunc all call it (docs/ARCHITECTURE.md, "One prediction path"). It uses nothing of the
+ground truth but the keypoints: the affines are estimated from the keypoints here (never read
+from preprocessing), the skeleton features are rendered here in float, and people whose
+keypoints cannot define the affine get the keypoint-only fallback (:mod:`pose2seg.fallback`).
+
+The path has two steps, so a cache can enter between them without changing a pixel:
+:func:`to_input_frame` (resize the image to the input frame and scale the keypoints, with
+:mod:`pose2seg.input_frame`) and :meth:`Predictor.predict_frames` (the network and the warp back).
+Preprocessing stores exactly what :func:`resize_to_input_frame` returns (the same function), so validation can
+start from the stored input-frame image (lossless PNG) instead of the original file.
+
+People with no usable keypoint (all v = 0) cannot be aligned: the Predictor returns no result
+for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
 from pose2seg.batch import normalise_images
 from pose2seg.config import ModelConfig
+from pose2seg.input_frame import (
+    input_frame_keypoints,
+    input_frame_size,
+    resize_to_input_frame,
+)
 from pose2seg.ops import render_skeleton_features, transform_keypoints, warp_aligned_to_image
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import assign_templates
 
-__all__ = ["Predictor", "encode_rle", "input_frame_size", "logits_to_instances"]
+__all__ = [
+    "InputFrame",
+    "Predictor",
+    "encode_rle",
+    "input_frame_keypoints",
+    "input_frame_size",
+    "logits_to_instances",
+    "resize_to_input_frame",
+    "to_input_frame",
+]
 
 PERSON_CATEGORY_ID: int = 1
 
 
-def input_frame_size(orig_hw: tuple[int, int], input_size: int) -> tuple[float, int, int]:
-    """``(scale, h, w)`` of the input frame: longer side = ``input_size``, input = orig * scale."""
-    orig_h, orig_w = int(orig_hw[0]), int(orig_hw[1])
-    if orig_h < 1 or orig_w < 1:
-        raise ValueError(f"image size must be positive, got {orig_h}x{orig_w}")
-    scale = input_size / max(orig_h, orig_w)
-    h = min(input_size, max(1, round(orig_h * scale)))
-    w = min(input_size, max(1, round(orig_w * scale)))
-    return scale, h, w
+@dataclass
+class InputFrame:
+    """One image ready for :meth:`Predictor.predict_frames`."""
+
+    image_id: int
+    image: np.ndarray
+    """(h,w,3) uint8 input-frame image, unpadded (:func:`resize_to_input_frame`)."""
+    keypoints: np.ndarray
+    """(N,K,3) float32 input-frame keypoints (:func:`input_frame_keypoints`); people without a
+    usable keypoint are allowed and get no result."""
+    orig_hw: tuple[int, int]
+    """(H, W) of the original image: the masks come out in this frame."""
+    scale: float
+    """input = orig * scale."""
+
+
+def to_input_frame(
+    image: np.ndarray, keypoints: np.ndarray, *, input_size: int, image_id: int = 0
+) -> InputFrame:
+    """An original image and its ``(N, K, 3)`` original-frame keypoints -> an :class:`InputFrame`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"image {image_id}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
+        )
+    resized, scale = resize_to_input_frame(image, input_size)
+    return InputFrame(
+        image_id=int(image_id),
+        image=resized,
+        keypoints=input_frame_keypoints(keypoints, scale),
+        orig_hw=(int(image.shape[0]), int(image.shape[1])),
+        scale=float(scale),
+    )
 
 
 def logits_to_instances(
@@ -45,6 +95,7 @@ def logits_to_instances(
     out_hw: tuple[int, int],
     threshold: float,
     exclusive: bool = False,
+    score: str = "mean_prob",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp aligned mask logits back to an image frame, threshold them and score them.
 
@@ -57,11 +108,14 @@ def logits_to_instances(
         exclusive: the P people are those of one image and their visible masks must not
             overlap: a pixel above the threshold for several people goes only to the one with
             the highest probability (ties to the first).
+        score: ``mean_prob`` (the mean probability inside the predicted mask, 0 when it is
+            empty) or ``one`` (every mask scores 1, as the official Pose2Seg code does).
 
     Returns:
-        masks: (P,H,W) bool; scores: (P,) float32, the mean probability inside the predicted mask
-        (0 when the mask is empty).
+        masks: (P,H,W) bool; scores: (P,) float32.
     """
+    if score not in ("mean_prob", "one"):
+        raise ValueError(f"score must be 'mean_prob' or 'one', got {score!r}")
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
     # Probabilities, not logits, are warped: the zero padding outside the RoI then means
@@ -76,6 +130,8 @@ def logits_to_instances(
     area = masks.flatten(1).sum(1)
     total = (probs * masks).flatten(1).sum(1)
     scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
+    if score == "one":
+        scores = torch.ones_like(scores)
     return masks, scores.to(torch.float32)
 
 
@@ -108,8 +164,8 @@ class Predictor:
     Args:
         model: a trained :class:`pose2seg.model.Pose2Seg`.
         templates: (T,K,2) pose templates in unit aligned coordinates (the model artifact's).
-        config: the model section the model was trained with (roi_size, alignment, skeleton
-            rendering, mask threshold).
+        config: the model section the model was trained with (roi_size, alignment, fallback,
+            skeleton rendering, mask threshold / exclusivity / score).
         device: where the model runs.
         input_size: ``data.input_size`` of training: images are resized so their longer side is
             this, as in preprocessing.
@@ -151,12 +207,15 @@ class Predictor:
             image: (H,W,3) uint8 RGB, original size.
             keypoints: (N,K,3) COCO keypoints in original-image pixels.
             image_id: COCO image id written into the results.
-            boxes: optional (N,4) xywh original-frame boxes, used by box alignment and by the
-                fallback of people whose keypoints cannot define an affine.
+            boxes: optional (N,4) xywh original-frame boxes for ``alignment="box"`` (and for
+                people without any usable keypoint). The evaluation paths never pass boxes:
+                inference uses no ground truth but the keypoints.
 
         Returns:
             One ``{"image_id", "category_id": 1, "segmentation": {"size": [H, W], "counts"},
-            "score"}`` per alignable person, in the order of ``keypoints``.
+            "score", "person_index", "fallback"}`` per alignable person, in the order of
+            ``keypoints``: ``person_index`` is the person's position in ``keypoints``,
+            ``fallback`` whether their RoI came from :mod:`pose2seg.fallback`.
         """
         return self.predict_batch(
             [image], [keypoints], image_ids=[image_id], boxes=None if boxes is None else [boxes]
@@ -170,56 +229,95 @@ class Predictor:
         image_ids: Sequence[int] | None = None,
         boxes: Sequence[np.ndarray | None] | None = None,
     ) -> list[dict[str, Any]]:
-        """COCO results for several images in one forward pass (see :meth:`predict`)."""
+        """COCO results for several original images in one forward pass (see :meth:`predict`)."""
         if len(images) != len(keypoints):
             raise ValueError(f"{len(images)} images but {len(keypoints)} keypoint arrays")
         if image_ids is None:
             image_ids = list(range(len(images)))
         if len(image_ids) != len(images) or (boxes is not None and len(boxes) != len(images)):
             raise ValueError("image_ids and boxes must have one entry per image")
-        if not images:
+        frames = [
+            to_input_frame(image, kpts, input_size=self.input_size, image_id=int(image_id))
+            for image, kpts, image_id in zip(images, keypoints, image_ids, strict=True)
+        ]
+        frame_boxes = None
+        if boxes is not None:
+            frame_boxes = []
+            for frame, image_boxes in zip(frames, boxes, strict=True):
+                if image_boxes is None:
+                    frame_boxes.append(None)
+                    continue
+                image_boxes = np.asarray(image_boxes, np.float32)
+                if image_boxes.shape != (len(frame.keypoints), 4):
+                    raise ValueError(
+                        f"image {frame.image_id}: boxes must be ({len(frame.keypoints)}, 4), "
+                        f"got {image_boxes.shape}"
+                    )
+                frame_boxes.append(image_boxes * frame.scale)
+        return self.predict_frames(frames, boxes=frame_boxes)
+
+    def predict_frames(
+        self,
+        frames: Sequence[InputFrame],
+        *,
+        boxes: Sequence[np.ndarray | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """COCO results (original frames) for images already in the input frame.
+
+        Args:
+            frames: from :func:`to_input_frame`, or from a cache holding exactly what it
+                returns (the stored input-frame image of preprocessing).
+            boxes: optional per-frame (N,4) input-frame boxes (see :meth:`predict`).
+        """
+        if boxes is not None and len(boxes) != len(frames):
+            raise ValueError("boxes must have one entry per frame")
+        if not frames:
             return []
         size = self.config.roi_size
-        padded = torch.zeros((len(images), self.input_size, self.input_size, 3), dtype=torch.uint8)
-        per_image = []  # (orig_hw, scale, input-frame affines (N,2,3), input keypoints (N,K,3))
-        for b, (image, kpts) in enumerate(zip(images, keypoints, strict=True)):
-            image_id = int(image_ids[b])
-            image = np.asarray(image)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        padded = torch.zeros((len(frames), self.input_size, self.input_size, 3), dtype=torch.uint8)
+        per_image = []  # (frame, kept person indices, affines (n,2,3), fallback (n,), kpts_in)
+        for b, frame in enumerate(frames):
+            image = np.asarray(frame.image)
+            h, w = image.shape[:2]
+            if (
+                image.ndim != 3
+                or image.shape[2] != 3
+                or image.dtype != np.uint8
+                or h > self.input_size
+                or w > self.input_size
+            ):
                 raise ValueError(
-                    f"image {image_id}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
+                    f"image {frame.image_id}: input-frame image must be (h, w, 3) uint8 with "
+                    f"h, w <= {self.input_size}, got {image.shape} {image.dtype}"
                 )
-            kpts = np.asarray(kpts, dtype=np.float32).reshape(-1, NUM_KEYPOINTS, 3)
-            scale, h, w = input_frame_size(image.shape[:2], self.input_size)
-            padded[b, :h, :w] = _resize(image, h, w)
-            kpts_in = kpts.copy()
-            kpts_in[..., :2] *= scale
-            image_boxes = (
-                None if boxes is None or boxes[b] is None else np.asarray(boxes[b], np.float32)
-            )
-            if image_boxes is not None and image_boxes.shape != (len(kpts), 4):
-                raise ValueError(
-                    f"image {image_id}: boxes must be ({len(kpts)}, 4), got {image_boxes.shape}"
-                )
-            keep = (kpts[..., 2] > 0).any(axis=1)
+            padded[b, :h, :w] = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+            kpts_in = np.asarray(frame.keypoints, dtype=np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+            image_boxes = None if boxes is None or boxes[b] is None else np.asarray(boxes[b])
+            keep = (kpts_in[..., 2] > 0).any(axis=1)
             if image_boxes is not None:
                 keep |= image_boxes[:, 2:].max(axis=1) > 0
+            index = np.flatnonzero(keep)
             affines = np.zeros((0, 2, 3), np.float32)
-            if keep.any():
-                affines = assign_templates(
-                    kpts_in[keep],
+            fallback = np.zeros(0, dtype=bool)
+            if len(index):
+                assignment = assign_templates(
+                    kpts_in[index],
                     self.templates,
                     roi_size=size,
                     alignment=self.config.alignment,
-                    boxes=None if image_boxes is None else image_boxes[keep] * scale,
-                ).affines
-            per_image.append((image.shape[:2], scale, affines, kpts_in[keep]))
+                    boxes=None if image_boxes is None else image_boxes[index],
+                    image_hw=(h, w),
+                    fallback_mode=self.config.fallback,
+                    fallback_min_size=self.config.fallback_min_size,
+                )
+                affines, fallback = assignment.affines, assignment.fallback
+            per_image.append((frame, index, affines, fallback, kpts_in[index]))
 
         batch_index = torch.cat(
-            [torch.full((len(a),), b, dtype=torch.long) for b, (_, _, a, _) in enumerate(per_image)]
+            [torch.full((len(p[1]),), b, dtype=torch.long) for b, p in enumerate(per_image)]
         ).to(self.device)
-        affines = torch.from_numpy(np.concatenate([a for _, _, a, _ in per_image])).to(self.device)
-        kpts_in = torch.from_numpy(np.concatenate([k for _, _, _, k in per_image])).to(self.device)
+        affines = torch.from_numpy(np.concatenate([p[2] for p in per_image])).to(self.device)
+        kpts_in = torch.from_numpy(np.concatenate([p[4] for p in per_image])).to(self.device)
         skeleton = None
         if self.config.skeleton_features != "none":
             skeleton = render_skeleton_features(
@@ -234,37 +332,33 @@ class Predictor:
 
         results: list[dict[str, Any]] = []
         start = 0
-        for b, (orig_hw, scale, image_affines, _) in enumerate(per_image):
+        for frame, index, image_affines, fallback, _ in per_image:
             n = len(image_affines)
             if n == 0:
                 continue
             # Original -> aligned: input = orig * scale, so the linear part takes the scale.
             to_aligned = affines[start : start + n].clone()
-            to_aligned[:, :, :2] *= scale
+            to_aligned[:, :, :2] *= frame.scale
             masks, scores = logits_to_instances(
                 logits[start : start + n],
                 to_aligned,
-                out_hw=orig_hw,
+                out_hw=frame.orig_hw,
                 threshold=self.config.mask_threshold,
                 exclusive=self.config.exclusive_masks,
+                score=self.config.mask_score,
             )
-            for rle, score in zip(encode_rle(masks), scores.tolist(), strict=True):
+            for rle, score, person, fell_back in zip(
+                encode_rle(masks), scores.tolist(), index.tolist(), fallback.tolist(), strict=True
+            ):
                 results.append(
                     {
-                        "image_id": int(image_ids[b]),
+                        "image_id": int(frame.image_id),
                         "category_id": PERSON_CATEGORY_ID,
                         "segmentation": rle,
                         "score": float(score),
+                        "person_index": int(person),
+                        "fallback": bool(fell_back),
                     }
                 )
             start += n
         return results
-
-
-def _resize(image: np.ndarray, h: int, w: int) -> torch.Tensor:
-    """(H,W,3) uint8 -> (h,w,3) uint8, antialiased bilinear."""
-    if image.shape[:2] == (h, w):
-        return torch.from_numpy(np.ascontiguousarray(image))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)

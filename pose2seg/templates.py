@@ -25,8 +25,8 @@ Choices made here (documented because other parts rely on them):
   of the affine's linear part. The anisotropy term breaks the ties of exact fits (3 keypoints
   fit any template exactly) in favour of the least distorting template.
 - **Degenerate people** (fewer than 3 usable keypoints, or usable keypoints whose spread across
-  their main axis is below :data:`MIN_SPREAD_RATIO` of the spread along it) get a box similarity
-  transform (:func:`box_affine`) with ``template_id = -1`` and ``fallback = True``.
+  their main axis is below :data:`MIN_SPREAD_RATIO` of the spread along it) get the keypoint-only
+  fallback RoI of :mod:`pose2seg.fallback` with ``template_id = -1`` and ``fallback = True``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pose2seg.fallback import DEFAULT_MIN_SIZE, fallback_affines
 from pose2seg.skeleton import NUM_KEYPOINTS
 
 TEMPLATE_EXTENT: float = 0.7
@@ -405,14 +406,17 @@ def assign_templates(
     alignment: str,
     boxes: np.ndarray | None = None,
     box_margin: float = DEFAULT_BOX_MARGIN,
+    image_hw: tuple[int, int] | None = None,
+    fallback_mode: str = "keypoints",
+    fallback_min_size: float = DEFAULT_MIN_SIZE,
 ) -> Assignment:
     """Affine-Align: choose each person's template and its affine (vectorised over N and T).
 
     ``alignment="pose"``: for each person and template, the weighted least-squares affine from
     the person's usable keypoints (weights :data:`VISIBILITY_WEIGHTS`) onto the template; the
     lowest-cost template wins (see the module docstring for the score). People with fewer than
-    3 usable keypoints or collinear keypoints fall back to :func:`box_affine` of their box
-    (``boxes`` if given, else the box of their usable keypoints), ``template_id = -1``,
+    3 usable keypoints or collinear keypoints get :func:`pose2seg.fallback.fallback_affines`
+    (from their keypoints and the image size only, never a box), ``template_id = -1``,
     ``fallback = True``, ``score = 0``. ``alignment="box"``: :func:`box_affine` for everyone.
 
     Args:
@@ -421,8 +425,11 @@ def assign_templates(
         templates: ``(T, K, 2)`` unit aligned coordinates (:func:`fit_pose_templates`).
         roi_size: S, aligned-frame side in pixels.
         alignment: ``"pose"`` or ``"box"``.
-        boxes: optional ``(N, 4)`` xywh input-frame boxes used by the box alignment/fallback.
+        boxes: optional ``(N, 4)`` xywh input-frame boxes used by the box alignment.
         box_margin: margin of :func:`box_affine`.
+        image_hw: ``(h, w)`` of the input frame, for the fallback's image-relative RoI size.
+        fallback_mode: ``model.fallback``, ``keypoints`` or ``image``.
+        fallback_min_size: ``model.fallback_min_size``.
 
     Returns:
         :class:`Assignment` with affines mapping input-frame pixels to aligned-frame pixels.
@@ -478,7 +485,18 @@ def assign_templates(
         scores[ok] = np.exp(-cost[rows, best][ok] / (2 * SCORE_TAU**2))
         scores[~ok] = 0.0
         fallback = degenerate.copy()
-        use_box = degenerate
+        # Only a caller-given box can place a person without any usable keypoint.
+        use_box = degenerate & ~usable.any(axis=1)
+        from_keypoints = degenerate & ~use_box
+        if from_keypoints.any():
+            affines[from_keypoints] = fallback_affines(
+                keypoints[from_keypoints],
+                templates,
+                roi_size=roi_size,
+                image_hw=image_hw,
+                mode=fallback_mode,
+                min_size=fallback_min_size,
+            )
     for i in np.flatnonzero(use_box):
         affines[i] = box_affine(
             boxes[i], roi_size=roi_size, margin=box_margin, stretch=alignment == "box"

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.input_frame import input_frame_keypoints, resize_to_input_frame
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 from pose2seg.templates import apply_affine, assign_templates, fit_pose_templates
 from preprocessing import schema
@@ -134,6 +135,8 @@ class ShardSettings:
     paf_width_px: float
     image_encoding: str
     keypoint_margin_fraction: float
+    fallback: str = "keypoints"
+    fallback_min_size: float = 0.25
 
     @classmethod
     def from_config(cls, config: Config, split: str) -> ShardSettings:
@@ -144,7 +147,11 @@ class ShardSettings:
             alignment=config.model.alignment,
             heatmap_sigma_px=config.model.heatmap_sigma_px,
             paf_width_px=config.model.paf_width_px,
-            image_encoding=config.data.image_encoding,
+            # Validation predicts from the stored input-frame image (pose2seg.inference): a
+            # lossless copy keeps its masks equal to evaluate.py's from the original file.
+            image_encoding="png" if split == "val" else config.data.image_encoding,
+            fallback=config.model.fallback,
+            fallback_min_size=config.model.fallback_min_size,
             keypoint_margin_fraction=config.data.keypoint_margin_fraction,
         )
 
@@ -167,17 +174,6 @@ def _rle_counts(mask: np.ndarray) -> str:
 
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     return rle["counts"].decode("ascii")
-
-
-def resize_image(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, bilinear with anti-aliasing (PIL)."""
-    from PIL import Image
-
-    h, w = out_hw
-    if pixels.shape[:2] == (h, w):
-        return np.ascontiguousarray(pixels, dtype=np.uint8)
-    pil = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def resize_mask(mask: np.ndarray, out_hw: tuple[int, int], padded: int) -> np.ndarray:
@@ -234,9 +230,10 @@ def process_image(
     if pixels.ndim != 3 or pixels.shape[:2] != (height, width) or pixels.shape[2] != 3:
         detail = f"pixels {pixels.shape} do not match the annotated size {height}x{width}"
         return None, [_reject(split, record, None, REASON_BAD_IMAGE_SIZE, detail)]
-    scale = settings.input_size / max(height, width)
-    new_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = resize_image(pixels, new_hw)
+    # The one resize of the prediction path (pose2seg.input_frame), so the stored image is the
+    # input frame every inference path computes from the original file.
+    image, scale = resize_to_input_frame(pixels, settings.input_size)
+    new_hw = (int(image.shape[0]), int(image.shape[1]))
 
     rejects: list[dict[str, Any]] = []
     ignore = [_rle_counts(np.asarray(c.mask, dtype=bool)) for c in record.crowd]
@@ -266,14 +263,18 @@ def process_image(
     keypoints = np.zeros((n, NUM_KEYPOINTS, 3), dtype=np.float32)
     for i, person in enumerate(kept):
         keypoints[i] = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
-    keypoints[..., :2] *= scale
+    keypoints = input_frame_keypoints(keypoints, scale)
     bboxes = np.array([np.asarray(p.bbox, dtype=np.float32) for p in kept]).reshape(n, 4)
+    # No ground-truth box: the training targets are warped with the transform inference
+    # computes from the keypoints alone (including the fallback of degenerate poses).
     assignment = assign_templates(
         keypoints,
         templates,
         roi_size=size,
         alignment=settings.alignment,
-        boxes=bboxes.astype(np.float64) * scale,
+        image_hw=new_hw,
+        fallback_mode=settings.fallback,
+        fallback_min_size=settings.fallback_min_size,
     )
     skeleton = render_quantised_skeleton_features(
         apply_affine(keypoints, assignment.affines),
@@ -405,6 +406,9 @@ class SplitSummary:
     """People lost by reason: a rejected image counts the person annotations it held."""
     shards: int = 0
     seconds: float = 0.0
+    people_template_none: int = 0
+    """Kept people with ``template_id = -1``: the keypoint fallback (pose alignment) or
+    everyone (box alignment)."""
 
     @property
     def reject_fraction(self) -> float:
@@ -540,7 +544,7 @@ def _stored_split_stats(uri: str) -> dict[str, Any]:
 
     fs, files = _parquet_files(uri)
     image_ids: list[int] = []
-    people = 0
+    people = template_none = 0
     column_bytes: Counter[str] = Counter()
     for path in files:
         with fs.open_input_file(path) as fh:
@@ -551,13 +555,17 @@ def _stored_split_stats(uri: str) -> dict[str, Any]:
                 for c in range(group.num_columns):
                     column = group.column(c)
                     column_bytes[column.path_in_schema] += column.total_compressed_size
-            table = parquet.read(columns=[schema.IMAGE_ID, schema.NUM_PEOPLE])
+            table = parquet.read(columns=[schema.IMAGE_ID, schema.NUM_PEOPLE, schema.TEMPLATE_IDS])
         image_ids.extend(table.column(schema.IMAGE_ID).to_pylist())
         people += int(sum(table.column(schema.NUM_PEOPLE).to_pylist()))
+        template_none += sum(
+            t == -1 for ids in table.column(schema.TEMPLATE_IDS).to_pylist() for t in ids or []
+        )
     return {
         "files": len(files),
         "image_ids": image_ids,
         "people": people,
+        "template_none": int(template_none),
         "column_bytes": column_bytes,
     }
 
@@ -685,10 +693,12 @@ def _run_split(
         people_rejected=dict(sorted(people_rejected.items())),
         shards=len(items),
         seconds=time.perf_counter() - start,
+        people_template_none=stats["template_none"],
     )
     print(
         f"preprocess[{split}]: images in {summary.images_in}, rows out {summary.rows_out}, people "
-        f"out {summary.people_out}, people rejected {summary.people_rejected or 'none'} in "
+        f"out {summary.people_out} ({summary.people_template_none} without a template: "
+        f"fallback RoI or box alignment), people rejected {summary.people_rejected or 'none'} in "
         f"{summary.seconds:.1f} s",
         flush=True,
     )

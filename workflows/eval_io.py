@@ -1,5 +1,12 @@
-"""Evaluation inputs and outputs shared by the commands: a split's ground truth, keypoints
-from the ground truth or a keypoint-results file, MaxIoU, the occlusion table and overlays."""
+"""Evaluation inputs and outputs shared by training-time validation and the commands: named
+splits, a split's ground truth under the evaluation protocol, keypoints from the ground truth
+or a keypoint-results file, MaxIoU, the metrics of a split, the tables and overlays.
+
+Training-time validation (``workflows/train_loop.validate``) and ``evaluate.py`` both build
+their ground truth with :func:`protocol_gt` and their metrics with :func:`split_metrics`, and
+their predictions with :class:`pose2seg.inference.Predictor` on :func:`gt_keypoints`: the val AP
+that picks checkpoints and moves the registry alias is the AP ``evaluate.py`` reports.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +23,59 @@ class KeypointResultsError(ValueError):
     """A keypoint-results JSON names an unknown image or holds malformed keypoints."""
 
 
+def split_names(config: Config) -> list[str]:
+    """Every split the config knows: ``train``, ``val`` and those of ``eval.splits``."""
+    return list(dict.fromkeys(["train", "val", *config.eval.splits]))
+
+
 def split_paths(config: Config, split: str) -> tuple[str, str]:
+    """``(annotation file URI, image folder URI)`` of a named split: a declaration in
+    ``eval.splits`` if there is one, else ``train`` / ``val`` from the ``data.*`` keys."""
     from preprocessing.storage import join
 
     d = config.data
-    ann, img = (
-        (d.val_annotations, d.val_images)
-        if split == "val"
-        else (d.train_annotations, d.train_images)
-    )
+    if split in config.eval.splits:
+        body = config.eval.splits[split]
+        ann, img = body["annotations"], body["images"]
+    elif split == "val":
+        ann, img = d.val_annotations, d.val_images
+    elif split == "train":
+        ann, img = d.train_annotations, d.train_images
+    else:
+        raise ValueError(
+            f"unknown split {split!r}: the config knows {split_names(config)} "
+            "(declare more under eval.splits)"
+        )
     return join(d.root, ann), join(d.root, img)
+
+
+def has_keypoints(ann: dict[str, Any]) -> bool:
+    """An annotation with at least one labelled keypoint (v > 0)."""
+    kp = ann.get("keypoints")
+    if not kp or len(kp) != 51:
+        return False
+    return bool((np.asarray(kp, np.float32).reshape(17, 3)[:, 2] > 0).any())
+
+
+def protocol_gt(gt: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """The ground truth evaluated under ``eval.protocol`` (a new dict; ``gt`` is unchanged).
+
+    ``ignore``: non-crowd people without any labelled keypoint become ignore regions
+    (``iscrowd = 1``), like crowds: a pose-based model is given no pose for them, so they
+    neither count as misses nor make a mask that covers them a false positive (the paper's
+    protocol). ``miss``: the annotation file as it is (they count as misses). Crowd regions are
+    ignore regions under both (COCOeval's rule).
+    """
+    import copy
+
+    if protocol not in ("ignore", "miss"):
+        raise ValueError(f"eval.protocol must be 'ignore' or 'miss', got {protocol!r}")
+    out = copy.deepcopy(gt)
+    if protocol == "ignore":
+        for ann in out["annotations"]:
+            if not ann.get("iscrowd", 0) and not has_keypoints(ann):
+                ann["iscrowd"] = 1
+    return out
 
 
 def load_gt(annotations_uri: str) -> dict[str, Any]:
@@ -43,15 +93,16 @@ def load_gt(annotations_uri: str) -> dict[str, Any]:
 
 
 def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
-    """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled keypoint."""
+    """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled
+    keypoint, in annotation order (the only ground truth inference is given)."""
     out: dict[int, list] = {int(im["id"]): [] for im in gt["images"]}
     for ann in gt["annotations"]:
-        kp = ann.get("keypoints")
-        if ann.get("iscrowd", 0) or not kp or len(kp) != 51:
+        if ann.get("iscrowd", 0) or not has_keypoints(ann):
             continue
-        arr = np.asarray(kp, np.float32).reshape(17, 3)
-        if (arr[:, 2] > 0).any() and int(ann["image_id"]) in out:
-            out[int(ann["image_id"])].append(arr)
+        if int(ann["image_id"]) in out:
+            out[int(ann["image_id"])].append(
+                np.asarray(ann["keypoints"], np.float32).reshape(17, 3)
+            )
     return {k: np.stack(v) if v else np.zeros((0, 17, 3), np.float32) for k, v in out.items()}
 
 
@@ -110,6 +161,27 @@ def with_max_iou(gt: dict[str, Any]) -> dict[str, Any]:
             if a.get("max_iou") is None:
                 a["max_iou"] = float(ious[i].max()) if len(anns) > 1 else 0.0
     return gt
+
+
+def split_metrics(
+    gt: dict[str, Any], results: list[dict[str, Any]], config: Config, *, by_bin: bool = True
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The metrics of one split: pycocotools segm AP (six figures), the occluded-subset AP and
+    the AP by MaxIoU bin (``by_bin``); plus the number of people whose RoI came from the
+    fallback.
+
+    ``gt``: from :func:`protocol_gt` (with ``max_iou``, :func:`with_max_iou`); ``results``: the
+    Predictor's. Results are put in a fixed order first (image id, then the Predictor's order
+    within an image) so that ties in score are broken the same way whoever gathered them.
+    """
+    from workflows.coco_metrics import coco_segm_metrics, occluded_subset_ap, occlusion_breakdown
+
+    ordered = sorted(results, key=lambda r: int(r["image_id"]))
+    metrics = coco_segm_metrics(gt, ordered)
+    metrics.update(occluded_subset_ap(gt, ordered, min_iou=config.eval.occluded_min_iou))
+    metrics["num_fallback"] = float(sum(bool(r.get("fallback", False)) for r in ordered))
+    occlusion = occlusion_breakdown(gt, ordered, bins=config.eval.occlusion_bins) if by_bin else []
+    return metrics, occlusion
 
 
 def write_occlusion_table(rows: list[dict[str, Any]], out_dir: str) -> None:

@@ -8,9 +8,12 @@ DataFrame with one row per image and the columns
   repeated 17 times) or a 17 x 3 list, in the image's pixel coordinates;
 - ``image_id``: an integer copied into the results.
 
-Output: a DataFrame with one row per person: ``image_id``, ``person_index`` (position in the
-input list), ``score``, ``segmentation`` (JSON text of the COCO RLE ``{"size", "counts"}``).
-``unwrap_python_model().predictor`` gives the underlying :class:`pose2seg.inference.Predictor`.
+Output: a DataFrame with one row per person that has a usable keypoint: ``image_id``,
+``person_index`` (position in the input list), ``score``, ``segmentation`` (JSON text of the
+COCO RLE ``{"size", "counts"}``), ``fallback`` (true when the person's keypoints could not
+define the affine and the keypoint-only fallback RoI was used).
+``unwrap_python_model().predictor`` gives the underlying :class:`pose2seg.inference.Predictor`,
+the one prediction path that evaluate.py and training-time validation use too.
 
 Bad input (a missing column, undecodable image bytes, malformed keypoints, a person with a
 labelled keypoint farther outside the image than the model's ``data.keypoint_margin_fraction``)
@@ -28,7 +31,7 @@ import mlflow.pyfunc
 import numpy as np
 
 INPUT_COLUMNS = ("image", "keypoints", "image_id")
-OUTPUT_COLUMNS = ("image_id", "person_index", "score", "segmentation")
+OUTPUT_COLUMNS = ("image_id", "person_index", "score", "segmentation", "fallback")
 
 
 def pyfunc_signature():
@@ -49,6 +52,7 @@ def pyfunc_signature():
                 ColSpec("long", "person_index"),
                 ColSpec("double", "score"),
                 ColSpec("string", "segmentation"),
+                ColSpec("boolean", "fallback"),
             ]
         ),
     )
@@ -146,13 +150,14 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
                 if why:
                     raise ValueError(f"image_id {image_id}, person {index}: {why}")
             results = self.predictor.predict(pixels, keypoints, image_id=image_id)
-            for index, res in enumerate(results):
+            for res in results:
                 rows.append(
                     {
                         "image_id": image_id,
-                        "person_index": index,
+                        "person_index": int(res["person_index"]),
                         "score": float(res["score"]),
                         "segmentation": json.dumps(res["segmentation"]),
+                        "fallback": bool(res["fallback"]),
                     }
                 )
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

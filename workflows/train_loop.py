@@ -4,7 +4,10 @@ Driver side: :func:`prepare_data` (preprocess if needed, open the Parquet splits
 :func:`build_trainer` (a ``TorchTrainer`` from the config) and :func:`run_training` (the whole
 job: MLflow run, fit, model logging and registration). Worker side:
 :func:`train_loop_per_worker` (DDP, one shard of the training Parquet per worker, per-epoch
-validation with pycocotools on the full val split, checkpoints every epoch).
+validation on the full val split, checkpoints every epoch). Validation (:func:`validate`)
+predicts through :class:`pose2seg.inference.Predictor` and scores against the val annotation
+file under ``eval.protocol``, exactly as ``evaluate.py --split val`` does: its AP picks the best
+checkpoint and decides whether the registry alias moves.
 """
 
 from __future__ import annotations
@@ -40,11 +43,24 @@ def _decode_batch(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def predict_rows(
-    model, rows: list[dict[str, Any]], *, config: Config, device
+    model,
+    rows: list[dict[str, Any]],
+    *,
+    config: Config,
+    device,
+    templates: np.ndarray | None = None,
+    keypoints: dict[int, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO results (original image frame) for decoded Parquet rows with the given model."""
-    import torch
+    """COCO results (original image frame) for stored val rows with the given model.
 
+    Pose2Seg goes through :meth:`pose2seg.inference.Predictor.predict_frames`, the one
+    prediction path: the stored input-frame image (what :func:`pose2seg.input_frame.
+    resize_to_input_frame` returned in preprocessing) and the split's ground-truth keypoints
+    (``keypoints``: image id -> (N,K,3) original frame, :func:`workflows.eval_io.gt_keypoints`);
+    nothing else stored is used (no stored affines, features, boxes or masks). ``rows`` need
+    ``image_id``, ``image`` (encoded bytes or a decoded array), ``orig_height``, ``orig_width``.
+    The Mask R-CNN baseline predicts from decoded rows (``_decode_batch``).
+    """
     if config.model.arch == "maskrcnn":
         from pose2seg.maskrcnn import detection_predict_results
 
@@ -52,64 +68,87 @@ def predict_rows(
             getattr(model, "module", model), rows, config=config, device=device
         )
 
-    from pose2seg.batch import collate
-    from pose2seg.inference import encode_rle, logits_to_instances
+    from pose2seg.inference import InputFrame, Predictor
+    from pose2seg.input_frame import input_frame_keypoints, input_frame_size
+    from preprocessing.schema import decode_image
 
     if not rows:
         return []
-    batch = collate(rows, input_size=config.data.input_size).to(device)
-    net = getattr(model, "module", model)
-    with torch.no_grad():
-        logits = net(batch.images, batch.batch_index, batch.affines, batch.skeleton).float()
-    results: list[dict[str, Any]] = []
-    start = 0
+    if templates is None or keypoints is None:
+        raise ValueError("predict_rows: Pose2Seg needs the model's templates and the keypoints")
+    input_size = config.data.input_size
+    frames = []
     for row in rows:
-        n = len(row["person_ids"])
-        if n == 0:
-            continue
-        affines = torch.as_tensor(
-            np.asarray(row["affines"], dtype=np.float32), device=logits.device
-        ).clone()
-        # Compose original->input scaling so masks come out at the original image size.
-        affines[:, :, :2] *= float(row["scale"])
-        masks, scores = logits_to_instances(
-            logits[start : start + n],
-            affines,
-            out_hw=(int(row["orig_height"]), int(row["orig_width"])),
-            threshold=config.model.mask_threshold,
-            exclusive=config.model.exclusive_masks,
-        )
-        for rle, score in zip(encode_rle(masks), scores.tolist(), strict=True):
-            results.append(
-                {
-                    "image_id": int(row["image_id"]),
-                    "category_id": 1,
-                    "segmentation": rle,
-                    "score": float(score),
-                }
+        image_id = int(row["image_id"])
+        image = row["image"]
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+            image = decode_image(bytes(image))
+        orig_hw = (int(row["orig_height"]), int(row["orig_width"]))
+        scale, h, w = input_frame_size(orig_hw, input_size)
+        if image.shape[:2] != (h, w):
+            raise ValueError(
+                f"image {image_id}: the stored val image is {image.shape[0]}x{image.shape[1]}, "
+                f"expected {h}x{w} for data.input_size={input_size}: re-run preprocessing"
             )
-        start += n
-    return results
+        if image_id not in keypoints:
+            raise ValueError(
+                f"image {image_id}: stored in the val Parquet but not in its annotations"
+            )
+        frames.append(
+            InputFrame(
+                image_id=image_id,
+                image=image,
+                keypoints=input_frame_keypoints(keypoints[image_id], scale),
+                orig_hw=orig_hw,
+                scale=scale,
+            )
+        )
+    net = getattr(model, "module", model)
+    predictor = Predictor(net, templates, config.model, device, input_size=input_size)
+    return predictor.predict_frames(frames)
 
 
-def _gt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The parts of decoded rows that ground truth needs (drops pixels and features)."""
-    drop = {"image", "skeleton", "targets", "affines"}
-    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+@dataclass
+class ValidationData:
+    """The val split as evaluate.py sees it (see :func:`load_validation_data`)."""
+
+    gt: dict[str, Any]
+    """COCO ground truth under ``eval.protocol``, with ``max_iou``."""
+    keypoints: dict[int, np.ndarray]
+    """image id -> (N,K,3) ground-truth keypoints given to the model."""
 
 
-def validate(model, val_iter, *, config: Config, device, rank: int, world: int) -> dict[str, float]:
-    """Segm AP on the whole val split: each rank predicts every ``world``-th image, rank 0
-    gathers all results and ground truth and runs pycocotools. Returns metrics on every rank."""
+def load_validation_data(config: Config) -> ValidationData:
+    """The val split's annotation file read exactly as ``evaluate.py --split val`` reads it."""
+    from workflows.eval_io import gt_keypoints, load_gt, protocol_gt, split_paths, with_max_iou
+
+    raw = with_max_iou(load_gt(split_paths(config, "val")[0]))
+    return ValidationData(gt=protocol_gt(raw, config.eval.protocol), keypoints=gt_keypoints(raw))
+
+
+def validate(
+    model,
+    val_iter,
+    *,
+    config: Config,
+    device,
+    rank: int,
+    world: int,
+    val_data: ValidationData,
+    templates: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Segm AP on the whole val split, computed as ``evaluate.py`` computes it: each rank
+    predicts every ``world``-th stored image through the one prediction path, rank 0 gathers
+    the results and scores them against the annotation file under ``eval.protocol``
+    (:func:`workflows.eval_io.split_metrics`). Returns metrics on every rank."""
     import torch.distributed as dist
 
-    from preprocessing.schema import gt_to_coco
-    from workflows.coco_metrics import coco_segm_metrics, occluded_subset_ap
+    from workflows.eval_io import split_metrics
 
     net = getattr(model, "module", model)
     net.eval()
     results: list[dict[str, Any]] = []
-    gt_rows: list[dict[str, Any]] = []
+    predicted = 0
     index = 0
     for batch in val_iter.iter_batches(batch_size=config.eval.batch_size, batch_format="numpy"):
         keys = list(batch)
@@ -118,11 +157,26 @@ def validate(model, val_iter, *, config: Config, device, rank: int, world: int) 
         index += n
         if not mine:
             continue
-        rows = _decode_batch({k: batch[k][mine] for k in keys})
-        results.extend(predict_rows(net, rows, config=config, device=device))
-        gt_rows.extend(_gt_rows(rows))
+        if config.model.arch == "maskrcnn":
+            rows = _decode_batch({k: batch[k][mine] for k in keys})
+        else:
+            rows = [
+                {k: batch[k][i] for k in ("image_id", "image", "orig_height", "orig_width")}
+                for i in mine
+            ]
+        results.extend(
+            predict_rows(
+                net,
+                rows,
+                config=config,
+                device=device,
+                templates=templates,
+                keypoints=val_data.keypoints,
+            )
+        )
+        predicted += len(rows)
     net.train()
-    payload = (results, gt_rows)
+    payload = (results, predicted)
     if world > 1 and dist.is_initialized():
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, payload)
@@ -131,14 +185,14 @@ def validate(model, val_iter, *, config: Config, device, rank: int, world: int) 
     metrics = {}
     if rank == 0:
         all_results = [r for res, _ in gathered for r in res]
-        all_gt = [g for _, gts in gathered for g in gts]
-        gt = gt_to_coco(all_gt)
-        m = coco_segm_metrics(gt, all_results)
-        metrics = {f"val_{k}": v for k, v in m.items()}
-        occ = occluded_subset_ap(gt, all_results, min_iou=config.eval.occluded_min_iou)
-        metrics["val_occluded_segm_ap"] = occ["occluded_segm_ap"]
-        metrics["val_num_images"] = float(len(all_gt))
-        metrics["val_num_people"] = float(sum(len(g["person_ids"]) for g in all_gt))
+        gt = val_data.gt
+        m, _ = split_metrics(gt, all_results, config, by_bin=False)
+        metrics = {f"val_{k}": v for k, v in m.items() if k != "occluded_num_people"}
+        metrics["val_num_images"] = float(len(gt["images"]))
+        metrics["val_num_images_predicted"] = float(sum(p for _, p in gathered))
+        metrics["val_num_people"] = float(
+            sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
+        )
     if world > 1 and dist.is_initialized():
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -381,6 +435,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     val_shard = ray.train.get_dataset_shard("val")
     train_files = [(str(u), int(n)) for u, n in loop_config["train_files"]]
+    if loop_config.get("val_data"):
+        import ray
+
+        val_data = ray.get(loop_config["val_data"][0])
+    else:
+        val_data = load_validation_data(config)
     handle = None
     if rank == 0 and loop_config.get("mlflow"):
         from workflows.mlflow_tracking import RunHandle
@@ -442,7 +502,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  trained {step - start_step} "
                 f"steps in {train_seconds:.0f} s; validating"
             )
-        val = validate(model, val_shard, config=config, device=device, rank=rank, world=world)
+        val = validate(
+            model,
+            val_shard,
+            config=config,
+            device=device,
+            rank=rank,
+            world=world,
+            val_data=val_data,
+            templates=templates,
+        )
         epoch_seconds = time.time() - t0
         metrics = {
             "epoch": epoch + 1,
@@ -574,6 +643,7 @@ def build_trainer(
     test_hooks: dict[str, Any] | None = None,
 ):
     """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -583,6 +653,10 @@ def build_trainer(
         "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
         "train_files": [[u, int(n)] for u, n in data.train_files],
         "read_runtime_env": _runtime_env(),
+        # Validation scores against the val annotation file as evaluate.py reads it: read
+        # once here and handed to the workers through the object store (a list, so Ray passes
+        # the reference instead of resolving it into the config).
+        "val_data": [ray.put(load_validation_data(config))],
         "mlflow": mlflow,
         **(test_hooks or {}),
     }

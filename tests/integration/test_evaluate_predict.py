@@ -113,6 +113,9 @@ def test_real_coco_sample_end_to_end(trained, coco_sample_dir, tmp_path):
             "data.val_images": ".",
             "eval.output_dir": str(tmp_path),
             "eval.num_overlays": 2,
+            # Issue 14: the default protocol ignores people without keypoints; "miss" scores
+            # against the annotation file as it is.
+            "eval.protocol": "miss",
         }
     )
     out = run_evaluate(config, model_ref=outcome.checkpoint_path, split="val", log_to_mlflow=False)

@@ -66,7 +66,7 @@ def test_registered_model_loads_by_alias_and_predicts(trained, coco_sample_dir):
         }
     )
     out = model.predict(frame)
-    assert list(out.columns) == ["image_id", "person_index", "score", "segmentation"]
+    assert list(out.columns) == ["image_id", "person_index", "score", "segmentation", "fallback"]
     assert len(out) == len(people)
     rle = json.loads(out.iloc[0]["segmentation"])
     assert rle["size"] == [image["height"], image["width"]]

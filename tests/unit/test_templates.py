@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pose2seg.fallback import fallback_affines
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import (
     TEMPLATE_EXTENT,
@@ -169,7 +170,7 @@ def test_assign_picks_the_matching_template_and_exact_affine():
     assert result.scores[0] > 0.95  # exact fit; only the mild anisotropy penalty remains
 
 
-def test_assign_falls_back_to_the_box_for_degenerate_people():
+def test_assign_gives_degenerate_people_the_keypoint_fallback():
     templates = fit_pose_templates(_random_people(20, seed=5), num_templates=2, seed=0)
     two = _person(STANDING, 0)
     two[[5, 6], 2] = 2  # only the shoulders
@@ -181,20 +182,19 @@ def test_assign_falls_back_to_the_box_for_degenerate_people():
     border[11:, :] = 0.0
     people = np.stack([two, collinear, border])
     boxes = np.array([[30.0, 10.0, 40.0, 90.0], [25.0, 0.0, 10.0, 80.0], [30.0, 10.0, 40.0, 60.0]])
-    result = assign_templates(people, templates, roi_size=64, alignment="pose", boxes=boxes)
+    result = assign_templates(
+        people, templates, roi_size=64, alignment="pose", boxes=boxes, image_hw=(120, 100)
+    )
     np.testing.assert_array_equal(result.fallback, [True, True, False])
     np.testing.assert_array_equal(result.template_ids[:2], [-1, -1])
     assert result.template_ids[2] >= 0
-    np.testing.assert_allclose(
-        result.affines[0], box_affine(boxes[0], roi_size=64, margin=0.25), rtol=1e-6
-    )
+    # Issue 14: the fallback comes from the keypoints alone; a given (ground-truth) box is
+    # not used, so inference (which has no box) computes the same transform.
+    expected = fallback_affines(people[:2], templates, roi_size=64, image_hw=(120, 100))
+    np.testing.assert_allclose(result.affines[:2], expected, rtol=1e-6)
     assert result.scores[0] == 0.0
-    # Without boxes the fallback uses the box of the usable keypoints.
-    no_box = assign_templates(people[:1], templates, roi_size=64, alignment="pose")
-    shoulders_box = np.array([40.0, 32.0, 20.0, 0.0])
-    np.testing.assert_allclose(
-        no_box.affines[0], box_affine(shoulders_box, roi_size=64, margin=0.25), rtol=1e-6
-    )
+    no_box = assign_templates(people, templates, roi_size=64, alignment="pose", image_hw=(120, 100))
+    np.testing.assert_allclose(no_box.affines, result.affines, rtol=1e-6)
 
 
 def test_assign_box_alignment_and_unalignable_people():
