@@ -104,7 +104,12 @@ class ModelConfig:
     fpn_channels: int = 64
     """Channels of the FPN outputs (paper: 256)."""
     pretrained_backbone: str = ""
-    """Optional local path to a torchvision ResNet state dict; nothing is ever downloaded."""
+    """ResNet weights: empty or ``none`` = from scratch; ``imagenet`` = torchvision's ImageNet
+    weights through its weights API (the torch hub cache, downloaded once on a machine with
+    internet); or a local path / ``s3://`` URI of a torchvision ResNet state dict."""
+    freeze_backbone_bn: bool = False
+    """Freeze the ResNet's BatchNorm (statistics and affine; torchvision's FrozenBatchNorm2d),
+    as detectron2 does for pretrained backbones and small per-GPU batches."""
     roi_size: int = 48
     """S: side of the aligned RoI in pixels (paper: 64; the CPU default uses 48)."""
     num_residual_units: int = 10
@@ -127,6 +132,13 @@ class ModelConfig:
     """Visible masks do not overlap: a pixel claimed by several people of an image goes to the
     one with the highest probability (false: each person's mask on its own, as in the paper)."""
 
+    @property
+    def pretrained_source(self) -> str:
+        """``model.pretrained_backbone`` with ``none`` read as empty (train from scratch)."""
+        return (
+            "" if self.pretrained_backbone.strip().lower() == "none" else self.pretrained_backbone
+        )
+
     def validate(self) -> None:
         _one_of(self.arch, "model.arch", ("pose2seg", "maskrcnn"))
         _one_of(self.backbone_depth, "model.backbone_depth", (18, 34, 50))
@@ -146,7 +158,11 @@ class ModelConfig:
         _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
         _check(self.paf_width_px > 0, "model.paf_width_px", "must be > 0")
         _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
-        if self.pretrained_backbone and "://" not in self.pretrained_backbone:
+        if (
+            self.pretrained_source
+            and self.pretrained_source != "imagenet"
+            and ("://" not in self.pretrained_source)
+        ):
             _check(
                 os.path.isfile(self.pretrained_backbone),
                 "model.pretrained_backbone",

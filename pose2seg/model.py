@@ -73,9 +73,13 @@ class Pose2Seg(nn.Module):
             raise ValueError(f"model.arch must be 'pose2seg' for Pose2Seg, got {config.arch!r}")
         self.config = config
         self.roi_size = config.roi_size
-        self.backbone = ResNetFPN(depth=config.backbone_depth, fpn_channels=config.fpn_channels)
-        if config.pretrained_backbone:
-            load_backbone_state_dict(self.backbone, config.pretrained_backbone)
+        self.backbone = ResNetFPN(
+            depth=config.backbone_depth,
+            fpn_channels=config.fpn_channels,
+            frozen_bn=config.freeze_backbone_bn,
+        )
+        if config.pretrained_source:
+            load_backbone_state_dict(self.backbone, config.pretrained_source)
         channels = skeleton_channels(config.skeleton_features)
         self.uses_all_skeleton_channels = len(channels) == NUM_SKELETON_CHANNELS
         # A buffer so the index follows the model to its device.
@@ -160,8 +164,9 @@ def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module
     # 256: both archs then share backbone depth and FPN width (model.fpn_channels = 256 gives
     # torchvision's standard Mask R-CNN). From scratch: trainable BatchNorm everywhere
     # (torchvision freezes it only for pretrained weights), all layers trainable, no download.
+    norm_layer = torchvision.ops.FrozenBatchNorm2d if config.freeze_backbone_bn else nn.BatchNorm2d
     resnet = getattr(torchvision.models, f"resnet{config.backbone_depth}")(
-        weights=None, norm_layer=nn.BatchNorm2d
+        weights=None, norm_layer=norm_layer
     )
     stage2 = resnet.inplanes // 8  # 64 (basic blocks) or 256 (bottlenecks)
     channels = config.fpn_channels
@@ -172,8 +177,8 @@ def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module
         out_channels=channels,
         extra_blocks=LastLevelMaxPool(),
     )
-    if config.pretrained_backbone:
-        _load_maskrcnn_backbone(backbone, config.pretrained_backbone, depth=config.backbone_depth)
+    if config.pretrained_source:
+        _load_maskrcnn_backbone(backbone, config.pretrained_source, depth=config.backbone_depth)
     # The mask head is as wide as the FPN, as torchvision's (256 = 256).
     mask_head = MaskRCNNHeads(channels, (channels,) * 4, 1)
     mask_predictor = MaskRCNNPredictor(channels, channels, 2)
@@ -199,7 +204,11 @@ def _load_maskrcnn_backbone(backbone: nn.Module, path: str, *, depth: int) -> No
     resnet = ResNetFPN(depth=depth, fpn_channels=8)
     load_backbone_state_dict(resnet, path)
     names = set(resnet.resnet_parameters_names())
-    state = {k: v for k, v in resnet.state_dict().items() if k in names}
+    state = {
+        k: v
+        for k, v in resnet.state_dict().items()
+        if k in names and not k.endswith("num_batches_tracked")
+    }
     backbone.body.load_state_dict(state, strict=False)
 
 

@@ -156,6 +156,27 @@ def _maybe_inject_failure(loop_config: dict[str, Any], *, epoch: int, rank: int)
         raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
 
 
+def local_pretrained_backbone(config: Config) -> Config:
+    """The config with an ``s3://`` (any URI) ``model.pretrained_backbone`` copied to a local
+    file, since ``pose2seg`` reads local files only; other values are returned unchanged."""
+    source = config.model.pretrained_source
+    if "://" not in source:
+        return config
+    import hashlib
+
+    from preprocessing.storage import read_bytes
+
+    name = hashlib.sha256(source.encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "pose2seg-weights", f"{name}.pt")
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        partial = f"{local}.{uuid.uuid4().hex}.part"
+        with open(partial, "wb") as fh:
+            fh.write(read_bytes(source))
+        os.replace(partial, local)  # atomic: workers of one machine may race
+    return config.with_overrides({"model.pretrained_backbone": local})
+
+
 def worker_threads(config: Config) -> int:
     """Torch CPU threads of a training worker: ``train.torch_threads``, or its CPU share."""
     if config.train.torch_threads > 0:
@@ -192,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = build_model(config.model, input_size=config.data.input_size)
+    model = build_model(local_pretrained_backbone(config).model, input_size=config.data.input_size)
     optimizer = build_optimizer(model, config.train)
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     total_steps = steps_per_epoch * config.train.epochs
