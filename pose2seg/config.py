@@ -122,6 +122,28 @@ class ModelConfig:
     """Number of pose templates fitted by k-means on the training poses."""
     alignment: str = "pose"
     """``pose``: affine onto the best pose template; ``box``: the bounding-box baseline."""
+    align_transform: str = "affine"
+    """Transform of the pose alignment: ``affine`` (full affine) or ``similarity`` (rotation,
+    uniform scale, shift; the official code)."""
+    template_shape: str = "stretched"
+    """Fitted templates: ``stretched`` (each axis fills the frame) or ``aspect_kept`` (the
+    official code)."""
+    mirror_templates: bool = False
+    """Cluster the training poses with their mirror images and add each template's left-right
+    label-swapped copy (official: 3 templates + 3 mirrors)."""
+    templates_file: str = ""
+    """Path or URI of templates in the official ``templates.json`` layout, used instead of
+    fitting (``model.num_templates`` and ``model.template_shape`` are then ignored)."""
+    hidden_keypoints: str = "positive"
+    """Heatmap of a hidden (v = 1) keypoint: ``positive`` like a visible one, or ``negative``
+    (the official code)."""
+    seg_block: str = "basic"
+    """Residual unit of the SegModule: ``basic`` (two 3x3 convs, width seg_channels) or
+    ``bottleneck`` (1x1 -> 3x3 -> 1x1, width seg_channels, output 4 x seg_channels; the
+    official code with seg_channels = 256)."""
+    mask_head: str = "logit"
+    """Mask output: ``logit`` (one logit, BCE) or ``two_class`` (two logits and their
+    difference, so BCE equals the official 2-class cross-entropy)."""
     heatmap_sigma_px: float = 2.0
     """Std of the keypoint confidence Gaussians, in aligned-frame pixels at S = 64 (scales with S)."""
     paf_width_px: float = 1.5
@@ -155,6 +177,17 @@ class ModelConfig:
         )
         _check(1 <= self.num_templates <= 64, "model.num_templates", "must be in [1, 64]")
         _one_of(self.alignment, "model.alignment", ("pose", "box"))
+        _one_of(self.align_transform, "model.align_transform", ("affine", "similarity"))
+        _one_of(self.template_shape, "model.template_shape", ("stretched", "aspect_kept"))
+        _one_of(self.hidden_keypoints, "model.hidden_keypoints", ("positive", "negative"))
+        _one_of(self.seg_block, "model.seg_block", ("basic", "bottleneck"))
+        _one_of(self.mask_head, "model.mask_head", ("logit", "two_class"))
+        if self.templates_file and "://" not in self.templates_file:
+            _check(
+                os.path.isfile(self.templates_file),
+                "model.templates_file",
+                f"no such file {self.templates_file!r}",
+            )
         _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
         _check(self.paf_width_px > 0, "model.paf_width_px", "must be > 0")
         _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
@@ -189,7 +222,8 @@ class TrainConfig:
     batch_size: int = 8
     """Images per worker per step."""
     optimizer: str = "adamw"
-    """``adamw`` or ``sgd``."""
+    """``adamw``, ``adam`` (L2 weight decay as in torch.optim.Adam; the official code: Adam,
+    lr 2e-4, weight decay 0) or ``sgd``."""
     lr: float = 2e-3
     """Peak learning rate after warm-up."""
     weight_decay: float = 1e-4
@@ -197,9 +231,29 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum (ignored by AdamW)."""
     warmup_steps: int = 50
-    """Linear warm-up steps from lr/10 to lr."""
+    """Linear warm-up steps from ``warmup_start_factor`` x lr to lr."""
+    warmup_start_factor: float = 0.1
+    """The lr multiplier warm-up starts from (official: 1/3)."""
     schedule: str = "cosine"
-    """After warm-up: ``cosine`` (to 1% of lr), ``step`` (x0.1 at 2/3 and 8/9 of training) or ``constant``."""
+    """After warm-up: ``cosine`` (to 1% of lr), ``step`` (x0.1 at each of ``step_milestones``)
+    or ``constant``."""
+    step_milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])
+    """Fractions of training at which the ``step`` schedule multiplies the lr by 0.1 (official:
+    [0.6, 0.8])."""
+    augment_rotation_deg: float = 0.0
+    """Per-person training augmentation: random rotation of the alignment in +-this many degrees
+    (official: 30; 0 = off). Features and targets are re-rendered for the perturbed transform."""
+    augment_scale: float = 0.0
+    """Per-person random scale of the alignment in [1 - x, 1 + x] (official: 0.2; 0 = off)."""
+    augment_shift: float = 0.0
+    """Per-person random shift of the alignment, a fraction of the RoI side per axis (official:
+    0.1; 0 = off)."""
+    occlusion_keypoint_prob: float = 0.0
+    """Point-wise occlusion of the skeleton input: each usable keypoint is dropped (v = 0) with
+    this probability (0 = off)."""
+    occlusion_box_prob: float = 0.0
+    """Area occlusion of the skeleton input: with this probability per person, every keypoint
+    inside a random box of the RoI is dropped (0 = off)."""
     dice_weight: float = 1.0
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
@@ -223,7 +277,25 @@ class TrainConfig:
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
+        _one_of(self.optimizer, "train.optimizer", ("adamw", "adam", "sgd"))
+        _check(
+            0.0 < self.warmup_start_factor <= 1.0, "train.warmup_start_factor", "must be in (0, 1]"
+        )
+        _check(
+            all(0.0 < m < 1.0 for m in self.step_milestones)
+            and list(self.step_milestones) == sorted(self.step_milestones),
+            "train.step_milestones",
+            f"must be increasing fractions in (0, 1), got {self.step_milestones}",
+        )
+        _check(
+            0.0 <= self.augment_rotation_deg <= 180.0,
+            "train.augment_rotation_deg",
+            "must be in [0, 180]",
+        )
+        _check(0.0 <= self.augment_scale < 1.0, "train.augment_scale", "must be in [0, 1)")
+        _check(0.0 <= self.augment_shift <= 0.5, "train.augment_shift", "must be in [0, 0.5]")
+        for key in ("occlusion_keypoint_prob", "occlusion_box_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"train.{key}", "must be in [0, 1]")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -373,6 +445,16 @@ PREPROCESS_KEYS: tuple[str, ...] = (
     "model.paf_width_px",
 )
 
+# Preprocessing keys added after variants were already stored: they enter the variant key only
+# when they differ from their default, so the Parquet of today's configs keeps its name.
+PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
+    "model.align_transform",
+    "model.template_shape",
+    "model.mirror_templates",
+    "model.templates_file",
+    "model.hidden_keypoints",
+)
+
 
 # Bump when the preprocessing code changes what it writes (template frame, features, schema):
 # old Parquet variants then stop matching instead of being silently reused.
@@ -468,8 +550,11 @@ class Config:
     def preprocess_key(self) -> str:
         """A short hash of the keys that change the preprocessed data (names a Parquet variant)."""
         flat = self.to_flat()
+        defaults = Config.to_flat(_DEFAULTS)
+        keys = list(PREPROCESS_KEYS)
+        keys += [k for k in PREPROCESS_KEYS_IF_SET if flat[k] != defaults[k]]
         payload = json.dumps(
-            {"format": PREPROCESS_FORMAT_VERSION, **{k: flat[k] for k in PREPROCESS_KEYS}},
+            {"format": PREPROCESS_FORMAT_VERSION, **{k: flat[k] for k in keys}},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -477,6 +562,9 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested ``{section: {field: value}}``, the YAML layout."""
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+_DEFAULTS = Config()
 
 
 def _suggest(key: str) -> str:

@@ -212,6 +212,7 @@ class Predictor:
                     roi_size=size,
                     alignment=self.config.alignment,
                     boxes=None if image_boxes is None else image_boxes[keep] * scale,
+                    transform=self.config.align_transform,
                 ).affines
             per_image.append((image.shape[:2], scale, affines, kpts_in[keep]))
 
@@ -227,6 +228,7 @@ class Predictor:
                 roi_size=size,
                 sigma_px=self.config.heatmap_sigma_px,
                 width_px=self.config.paf_width_px,
+                hidden_negative=self.config.hidden_keypoints == "negative",
             )
         images_t = normalise_images(padded.to(self.device))
         with torch.no_grad():
