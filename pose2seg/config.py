@@ -317,6 +317,10 @@ class TuneConfig:
         }
     )
     """Dotted key -> list of values (grid), e.g. ``{"model.roi_size": [32, 64]}``."""
+    trials: dict[str, dict] = field(default_factory=dict)
+    """Named trials instead of the grid: trial name -> ``{dotted key: value}`` applied on top of
+    the config (one-factor-at-a-time ablations, e.g. configs/ablation_paper_vs_ours.yaml);
+    when set, ``search_space`` is not used."""
     num_samples: int = 1
     """Repeats of the grid."""
     max_concurrent_trials: int = 1
@@ -342,6 +346,20 @@ class TuneConfig:
                 f"tune.search_space.{key}",
                 "must be a non-empty list of values",
             )
+        _check(isinstance(self.trials, dict), "tune.trials", "must be a mapping")
+        for name, overrides in self.trials.items():
+            _check(
+                isinstance(overrides, dict),
+                f"tune.trials.{name}",
+                "must be a mapping of config keys to values",
+            )
+            for key in overrides:
+                _check(key in _FIELD_TYPES, f"tune.trials.{name}.{key}", "is not a config key")
+                _check(
+                    not key.startswith("tune."),
+                    f"tune.trials.{name}.{key}",
+                    "cannot set tune.* keys",
+                )
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
         _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
         _check(self.cpus_per_trial_driver > 0, "tune.cpus_per_trial_driver", "must be > 0")

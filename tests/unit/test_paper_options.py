@@ -329,3 +329,39 @@ def test_pipeline_reads_official_templates_and_adds_mirrors(tmp_path):
         _random_people(30, seed=3),
     )
     assert fitted.shape == (6, NUM_KEYPOINTS, 2)
+
+
+def test_one_factor_at_a_time_ablation_config():
+    from pathlib import Path
+
+    from pose2seg.config import load_config
+    from workflows.tune import TRIAL_PARAM, preprocessing_variants, trial_overrides
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "ablation_paper_vs_ours.yaml"
+    config = load_config(str(path))
+    trials = config.tune.trials
+    assert trials["ours"] == {} and "paper" in trials
+    paper = config.with_overrides(trial_overrides(config, {TRIAL_PARAM: "paper"}))
+    for name, overrides in trials.items():
+        trial = config.with_overrides(trial_overrides(config, {TRIAL_PARAM: name}))
+        changed = {k for k, v in trial.to_flat().items() if config.to_flat()[k] != v}
+        assert changed == set(overrides), name
+        if name.startswith("paper_"):
+            # Each single-axis trial moves towards the whole paper trial, never away from it.
+            assert all(paper.to_flat()[k] == v for k, v in overrides.items()), name
+    # Equal budget: ASHA's grace period covers every epoch.
+    assert config.tune.grace_period >= config.train.epochs
+    # Each distinct Parquet variant is preprocessed once, before the trials.
+    keys = [v.preprocess_key() for v in preprocessing_variants(config)]
+    assert len(keys) == len(set(keys)) == 5
+    with pytest.raises(ConfigError, match="tune.trials.bad.model.roi_sise"):
+        config.with_overrides({"tune.trials": {"bad": {"model.roi_sise": 3}}})
+
+
+def test_grid_search_over_a_new_preprocessing_key_preprocesses_each_variant():
+    from workflows.tune import preprocessing_variants
+
+    config = Config().with_overrides(
+        {"tune.search_space": {"model.align_transform": ["affine", "similarity"]}}
+    )
+    assert len({v.preprocess_key() for v in preprocessing_variants(config)}) == 2
