@@ -379,6 +379,14 @@ class EvalConfig:
     """MaxIoU bin edges for the AP-by-occlusion breakdown (OCHuman: 0.5-0.75 moderate, >0.75 hard)."""
     occluded_min_iou: float = 0.5
     """People with MaxIoU at least this form the "occluded" subset."""
+    keypoint_drop_prob: float = 0.0
+    """Robustness evaluation: drop each visible GT keypoint with this probability (hidden ones
+    with twice it), as a pose estimator misses joints (0 = exact GT; pose2seg/keypoint_noise.py)."""
+    keypoint_jitter: float = 0.0
+    """Robustness evaluation: Gaussian error of the kept GT keypoints in OKS units (std = this x
+    sqrt(area) x 2 sigma_k; expected keypoint OKS 1 / (1 + x^2)); 0 = exact positions."""
+    keypoint_noise_seed: int = 0
+    """Seed of the keypoint degradation (draws depend on this and the image id only)."""
     num_overlays: int = 8
     """Overlay PNGs written by evaluate/predict."""
     output_dir: str = "outputs"
@@ -393,6 +401,10 @@ class EvalConfig:
             "must be at least two increasing edges",
         )
         _check(0.0 <= self.occluded_min_iou <= 1.0, "eval.occluded_min_iou", "must be in [0, 1]")
+        _check(
+            0.0 <= self.keypoint_drop_prob <= 1.0, "eval.keypoint_drop_prob", "must be in [0, 1]"
+        )
+        _check(self.keypoint_jitter >= 0.0, "eval.keypoint_jitter", "must be >= 0")
         _check(self.num_overlays >= 0, "eval.num_overlays", "must be >= 0")
 
 
