@@ -365,3 +365,27 @@ def test_grid_search_over_a_new_preprocessing_key_preprocesses_each_variant():
         {"tune.search_space": {"model.align_transform": ["affine", "similarity"]}}
     )
     assert len({v.preprocess_key() for v in preprocessing_variants(config)}) == 2
+
+
+def test_checkpoint_of_a_templates_file_run_loads_without_the_file(tmp_path):
+    from pose2seg.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "templates.json"
+    path.write_text("{}")
+    config = Config().with_overrides(
+        {
+            "model.templates_file": str(path),
+            "model.backbone_depth": 18,
+            "model.fpn_channels": 8,
+            "model.seg_channels": 8,
+            "model.num_residual_units": 1,
+        }
+    )
+    templates = np.full((2, NUM_KEYPOINTS, 2), 0.5, dtype=np.float32)
+    templates[1, 13:] = np.nan  # a template without legs
+    model = Pose2Seg(config=config.model)
+    save_checkpoint(str(tmp_path / "ckpt"), model=model, config=config, templates=templates)
+    path.unlink()  # another machine: the file is not there, the templates are in the checkpoint
+    loaded = load_checkpoint(str(tmp_path / "ckpt"))
+    assert loaded.config.model.templates_file == ""
+    np.testing.assert_array_equal(loaded.templates, templates)
