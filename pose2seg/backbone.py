@@ -1,7 +1,12 @@
 """ResNet + FPN backbone giving one feature map at stride 4 (the FPN's finest level).
 
-Built from torchvision's ResNet with ``weights=None``: weights are trained from scratch unless
-the user supplies a local state dict. Nothing here downloads anything.
+Built from torchvision's ResNet with ``weights=None``, then optionally filled from
+``model.pretrained_backbone``: ``imagenet`` (torchvision's weights API, which reads the torch hub
+cache ``$TORCH_HOME/hub/checkpoints`` and downloads into it only when the file is missing) or a
+local torchvision ResNet state dict (``s3://`` URIs are copied to a local file by the workflows
+layer before the model is built). ``model.freeze_backbone_bn`` swaps the ResNet's BatchNorm for
+torchvision's ``FrozenBatchNorm2d`` (fixed statistics and affine, as detectron2 does for small
+per-GPU batches).
 """
 
 from __future__ import annotations
@@ -13,10 +18,19 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-__all__ = ["BACKBONE_STRIDE", "ResNetFPN", "load_backbone_state_dict"]
+__all__ = [
+    "BACKBONE_STRIDE",
+    "IMAGENET",
+    "ResNetFPN",
+    "imagenet_state_dict",
+    "load_backbone_state_dict",
+]
 
 BACKBONE_STRIDE: int = 4
 """Input pixels per pixel of the backbone's output feature map."""
+
+IMAGENET: str = "imagenet"
+"""``model.pretrained_backbone`` value that asks for torchvision's ImageNet weights."""
 
 _RESNETS = {
     18: torchvision.models.resnet18,
@@ -28,13 +42,14 @@ _RESNETS = {
 class ResNetFPN(nn.Module):
     """ResNet C2..C5 fused top-down into a single stride-4 map of ``fpn_channels`` channels."""
 
-    def __init__(self, *, depth: int, fpn_channels: int) -> None:
+    def __init__(self, *, depth: int, fpn_channels: int, frozen_bn: bool = False) -> None:
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(
                 f"model.backbone_depth must be one of {sorted(_RESNETS)}, got {depth!r}"
             )
-        resnet = _RESNETS[depth](weights=None)
+        norm_layer = torchvision.ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        resnet = _RESNETS[depth](weights=None, norm_layer=norm_layer)
         # Kept as the ResNet's own attribute names so torchvision ResNet state dicts load as is.
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
@@ -55,6 +70,7 @@ class ResNetFPN(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.depth = depth
+        self.frozen_bn = frozen_bn
         self.out_channels = fpn_channels
         self.stride = BACKBONE_STRIDE
 
@@ -79,19 +95,34 @@ class ResNetFPN(nn.Module):
 def _out_channels(layer: nn.Sequential) -> int:
     last = layer[-1]
     bn = getattr(last, "bn3", None) or last.bn2
-    return bn.num_features
+    return int(bn.weight.shape[0])  # FrozenBatchNorm2d has no num_features
 
 
-def load_backbone_state_dict(backbone: ResNetFPN, path: str) -> None:
-    """Fill the ResNet part of ``backbone`` from a local torchvision ResNet state dict.
+def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
+    """torchvision's ``ResNet{depth}_Weights.IMAGENET1K_V1`` state dict, through its weights API.
 
-    ``fc.*`` keys (the classifier) are ignored; any other missing, unexpected or wrongly shaped
-    key raises ``ValueError`` naming ``model.pretrained_backbone``, the file and the keys.
+    The API reads ``$TORCH_HOME/hub/checkpoints/<file name of the URL>`` when it exists and
+    downloads it there otherwise (on a machine with internet).
     """
+    if depth not in _RESNETS:
+        raise ValueError(f"model.backbone_depth must be one of {sorted(_RESNETS)}, got {depth!r}")
+    weights = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - network / cache errors all mean the same to a user
+        raise ValueError(
+            f"model.pretrained_backbone: cannot load torchvision's {weights!r} ({weights.url}) "
+            f"from the torch hub cache or the network: {exc}. Without internet, place the file "
+            f"under $TORCH_HOME/hub/checkpoints/ or give a local state dict path"
+        ) from exc
+
+
+def _read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     key = "model.pretrained_backbone"
     if "://" in path:
         raise ValueError(
-            f"{key}: {path!r} is a URI; pose2seg loads local files only (copy it locally first)"
+            f"{key}: {path!r} is a URI; pose2seg loads local files only (the workflows copy "
+            "s3:// weights to a local file before building the model)"
         )
     if not os.path.isfile(path):
         raise ValueError(f"{key}: no such file {path!r}")
@@ -111,11 +142,32 @@ def load_backbone_state_dict(backbone: ResNetFPN, path: str) -> None:
         raise ValueError(
             f"{key}: {path!r} does not hold a state dict (a mapping of name -> tensor)"
         )
-    state = {k: v for k, v in loaded.items() if not k.startswith("fc.")}
+    return loaded
+
+
+def load_backbone_state_dict(backbone: ResNetFPN, source: str) -> None:
+    """Fill the ResNet part of ``backbone`` from ``source``: ``imagenet`` or a local file.
+
+    ``fc.*`` keys (the classifier) are ignored, and so are ``num_batches_tracked`` buffers
+    (absent from older checkpoints and from frozen BatchNorm); any other missing, unexpected or
+    wrongly shaped key raises ``ValueError`` naming ``model.pretrained_backbone``, the source
+    and the keys.
+    """
+    key = "model.pretrained_backbone"
+    if source == IMAGENET:
+        loaded = imagenet_state_dict(backbone.depth)
+    else:
+        loaded = _read_state_dict_file(source)
+    state = {
+        k: v
+        for k, v in loaded.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     own = backbone.state_dict()
-    expected = set(backbone.resnet_parameters_names())
-    # Older torchvision checkpoints predate BatchNorm's num_batches_tracked buffer.
-    missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
+    expected = {
+        k for k in backbone.resnet_parameters_names() if not k.endswith("num_batches_tracked")
+    }
+    missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     wrong_shape = sorted(
         f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
@@ -124,7 +176,7 @@ def load_backbone_state_dict(backbone: ResNetFPN, path: str) -> None:
     )
     if missing or unexpected or wrong_shape:
         raise ValueError(
-            f"{key}: {path!r} does not match a torchvision resnet{backbone.depth} state dict "
+            f"{key}: {source!r} does not match a torchvision resnet{backbone.depth} state dict "
             f"(model.backbone_depth={backbone.depth}): "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "

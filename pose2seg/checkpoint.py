@@ -60,6 +60,8 @@ def save_checkpoint(
     # A local pretrained-weights path means nothing on another machine, and the weights are in
     # model.pt anyway: drop it so the checkpoint's config validates wherever it is loaded.
     flat["model.pretrained_backbone"] = ""
+    # Likewise the templates file: its templates are saved beside the weights (templates.npy).
+    flat["model.templates_file"] = ""
     with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
         json.dump(flat, fh, indent=1, sort_keys=True)
     np.save(os.path.join(directory, TEMPLATES_FILE), np.asarray(templates, dtype=np.float32))

@@ -112,7 +112,12 @@ class ModelConfig:
     fpn_channels: int = 64
     """Channels of the FPN outputs (paper: 256)."""
     pretrained_backbone: str = ""
-    """Optional local path to a torchvision ResNet state dict; nothing is ever downloaded."""
+    """ResNet weights: empty or ``none`` = from scratch; ``imagenet`` = torchvision's ImageNet
+    weights through its weights API (the torch hub cache, downloaded once on a machine with
+    internet); or a local path / ``s3://`` URI of a torchvision ResNet state dict."""
+    freeze_backbone_bn: bool = False
+    """Freeze the ResNet's BatchNorm (statistics and affine; torchvision's FrozenBatchNorm2d),
+    as detectron2 does for pretrained backbones and small per-GPU batches."""
     roi_size: int = 48
     """S: side of the aligned RoI in pixels (paper: 64; the CPU default uses 48)."""
     num_residual_units: int = 10
@@ -125,6 +130,28 @@ class ModelConfig:
     """Number of pose templates fitted by k-means on the training poses."""
     alignment: str = "pose"
     """``pose``: affine onto the best pose template; ``box``: the bounding-box baseline."""
+    align_transform: str = "affine"
+    """Transform of the pose alignment: ``affine`` (full affine) or ``similarity`` (rotation,
+    uniform scale, shift; the official code)."""
+    template_shape: str = "stretched"
+    """Fitted templates: ``stretched`` (each axis fills the frame) or ``aspect_kept`` (the
+    official code)."""
+    mirror_templates: bool = False
+    """Cluster the training poses with their mirror images and add each template's left-right
+    label-swapped copy (official: 3 templates + 3 mirrors)."""
+    templates_file: str = ""
+    """Path or URI of templates in the official ``templates.json`` layout, used instead of
+    fitting (``model.num_templates`` and ``model.template_shape`` are then ignored)."""
+    hidden_keypoints: str = "positive"
+    """Heatmap of a hidden (v = 1) keypoint: ``positive`` like a visible one, or ``negative``
+    (the official code)."""
+    seg_block: str = "basic"
+    """Residual unit of the SegModule: ``basic`` (two 3x3 convs, width seg_channels) or
+    ``bottleneck`` (1x1 -> 3x3 -> 1x1, width seg_channels, output 4 x seg_channels; the
+    official code with seg_channels = 256)."""
+    mask_head: str = "logit"
+    """Mask output: ``logit`` (one logit, BCE) or ``two_class`` (two logits and their
+    difference, so BCE equals the official 2-class cross-entropy)."""
     heatmap_sigma_px: float = 2.0
     """Std of the keypoint confidence Gaussians, in aligned-frame pixels at S = 64 (scales with S)."""
     paf_width_px: float = 1.5
@@ -144,6 +171,13 @@ class ModelConfig:
     fallback_min_size: float = 0.25
     """``keypoints`` fallback: smallest RoI side, as a fraction of the image's longer side."""
 
+    @property
+    def pretrained_source(self) -> str:
+        """``model.pretrained_backbone`` with ``none`` read as empty (train from scratch)."""
+        return (
+            "" if self.pretrained_backbone.strip().lower() == "none" else self.pretrained_backbone
+        )
+
     def validate(self) -> None:
         _one_of(self.arch, "model.arch", ("pose2seg", "maskrcnn"))
         _one_of(self.backbone_depth, "model.backbone_depth", (18, 34, 50))
@@ -160,13 +194,28 @@ class ModelConfig:
         )
         _check(1 <= self.num_templates <= 64, "model.num_templates", "must be in [1, 64]")
         _one_of(self.alignment, "model.alignment", ("pose", "box"))
+        _one_of(self.align_transform, "model.align_transform", ("affine", "similarity"))
+        _one_of(self.template_shape, "model.template_shape", ("stretched", "aspect_kept"))
+        _one_of(self.hidden_keypoints, "model.hidden_keypoints", ("positive", "negative"))
+        _one_of(self.seg_block, "model.seg_block", ("basic", "bottleneck"))
+        _one_of(self.mask_head, "model.mask_head", ("logit", "two_class"))
+        if self.templates_file and "://" not in self.templates_file:
+            _check(
+                os.path.isfile(self.templates_file),
+                "model.templates_file",
+                f"no such file {self.templates_file!r}",
+            )
         _check(self.heatmap_sigma_px > 0, "model.heatmap_sigma_px", "must be > 0")
         _check(self.paf_width_px > 0, "model.paf_width_px", "must be > 0")
         _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
         _one_of(self.mask_score, "model.mask_score", ("mean_prob", "one"))
         _one_of(self.fallback, "model.fallback", ("keypoints", "image"))
         _check(0.0 < self.fallback_min_size <= 2.0, "model.fallback_min_size", "must be in (0, 2]")
-        if self.pretrained_backbone and "://" not in self.pretrained_backbone:
+        if (
+            self.pretrained_source
+            and self.pretrained_source != "imagenet"
+            and ("://" not in self.pretrained_source)
+        ):
             _check(
                 os.path.isfile(self.pretrained_backbone),
                 "model.pretrained_backbone",
@@ -193,7 +242,8 @@ class TrainConfig:
     batch_size: int = 8
     """Images per worker per step."""
     optimizer: str = "adamw"
-    """``adamw`` or ``sgd``."""
+    """``adamw``, ``adam`` (L2 weight decay as in torch.optim.Adam; the official code: Adam,
+    lr 2e-4, weight decay 0) or ``sgd``."""
     lr: float = 2e-3
     """Peak learning rate after warm-up."""
     weight_decay: float = 1e-4
@@ -201,9 +251,29 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum (ignored by AdamW)."""
     warmup_steps: int = 50
-    """Linear warm-up steps from lr/10 to lr."""
+    """Linear warm-up steps from ``warmup_start_factor`` x lr to lr."""
+    warmup_start_factor: float = 0.1
+    """The lr multiplier warm-up starts from (official: 1/3)."""
     schedule: str = "cosine"
-    """After warm-up: ``cosine`` (to 1% of lr), ``step`` (x0.1 at 2/3 and 8/9 of training) or ``constant``."""
+    """After warm-up: ``cosine`` (to 1% of lr), ``step`` (x0.1 at each of ``step_milestones``)
+    or ``constant``."""
+    step_milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])
+    """Fractions of training at which the ``step`` schedule multiplies the lr by 0.1 (official:
+    [0.6, 0.8])."""
+    augment_rotation_deg: float = 0.0
+    """Per-person training augmentation: random rotation of the alignment in +-this many degrees
+    (official: 30; 0 = off). Features and targets are re-rendered for the perturbed transform."""
+    augment_scale: float = 0.0
+    """Per-person random scale of the alignment in [1 - x, 1 + x] (official: 0.2; 0 = off)."""
+    augment_shift: float = 0.0
+    """Per-person random shift of the alignment, a fraction of the RoI side per axis (official:
+    0.1; 0 = off)."""
+    occlusion_keypoint_prob: float = 0.0
+    """Point-wise occlusion of the skeleton input: each usable keypoint is dropped (v = 0) with
+    this probability (0 = off)."""
+    occlusion_box_prob: float = 0.0
+    """Area occlusion of the skeleton input: with this probability per person, every keypoint
+    inside a random box of the RoI is dropped (0 = off)."""
     dice_weight: float = 1.0
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
@@ -238,7 +308,25 @@ class TrainConfig:
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _one_of(self.optimizer, "train.optimizer", ("adamw", "sgd"))
+        _one_of(self.optimizer, "train.optimizer", ("adamw", "adam", "sgd"))
+        _check(
+            0.0 < self.warmup_start_factor <= 1.0, "train.warmup_start_factor", "must be in (0, 1]"
+        )
+        _check(
+            all(0.0 < m < 1.0 for m in self.step_milestones)
+            and list(self.step_milestones) == sorted(self.step_milestones),
+            "train.step_milestones",
+            f"must be increasing fractions in (0, 1), got {self.step_milestones}",
+        )
+        _check(
+            0.0 <= self.augment_rotation_deg <= 180.0,
+            "train.augment_rotation_deg",
+            "must be in [0, 180]",
+        )
+        _check(0.0 <= self.augment_scale < 1.0, "train.augment_scale", "must be in [0, 1)")
+        _check(0.0 <= self.augment_shift <= 0.5, "train.augment_shift", "must be in [0, 0.5]")
+        for key in ("occlusion_keypoint_prob", "occlusion_box_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"train.{key}", "must be in [0, 1]")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -265,6 +353,10 @@ class TuneConfig:
         }
     )
     """Dotted key -> list of values (grid), e.g. ``{"model.roi_size": [32, 64]}``."""
+    trials: dict[str, dict] = field(default_factory=dict)
+    """Named trials instead of the grid: trial name -> ``{dotted key: value}`` applied on top of
+    the config (one-factor-at-a-time ablations, e.g. configs/ablation_paper_vs_ours.yaml);
+    when set, ``search_space`` is not used."""
     num_samples: int = 1
     """Repeats of the grid."""
     max_concurrent_trials: int = 1
@@ -290,6 +382,20 @@ class TuneConfig:
                 f"tune.search_space.{key}",
                 "must be a non-empty list of values",
             )
+        _check(isinstance(self.trials, dict), "tune.trials", "must be a mapping")
+        for name, overrides in self.trials.items():
+            _check(
+                isinstance(overrides, dict),
+                f"tune.trials.{name}",
+                "must be a mapping of config keys to values",
+            )
+            for key in overrides:
+                _check(key in _FIELD_TYPES, f"tune.trials.{name}.{key}", "is not a config key")
+                _check(
+                    not key.startswith("tune."),
+                    f"tune.trials.{name}.{key}",
+                    "cannot set tune.* keys",
+                )
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
         _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
         _check(self.cpus_per_trial_driver > 0, "tune.cpus_per_trial_driver", "must be > 0")
@@ -309,6 +415,14 @@ class EvalConfig:
     """MaxIoU bin edges for the AP-by-occlusion breakdown (OCHuman: 0.5-0.75 moderate, >0.75 hard)."""
     occluded_min_iou: float = 0.5
     """People with MaxIoU at least this form the "occluded" subset."""
+    keypoint_drop_prob: float = 0.0
+    """Robustness evaluation: drop each visible GT keypoint with this probability (hidden ones
+    with twice it), as a pose estimator misses joints (0 = exact GT; pose2seg/keypoint_noise.py)."""
+    keypoint_jitter: float = 0.0
+    """Robustness evaluation: Gaussian error of the kept GT keypoints in OKS units (std = this x
+    sqrt(area) x 2 sigma_k; expected keypoint OKS 1 / (1 + x^2)); 0 = exact positions."""
+    keypoint_noise_seed: int = 0
+    """Seed of the keypoint degradation (draws depend on this and the image id only)."""
     num_overlays: int = 8
     """Overlay PNGs written by evaluate/predict."""
     output_dir: str = "outputs"
@@ -337,6 +451,10 @@ class EvalConfig:
             "must be at least two increasing edges",
         )
         _check(0.0 <= self.occluded_min_iou <= 1.0, "eval.occluded_min_iou", "must be in [0, 1]")
+        _check(
+            0.0 <= self.keypoint_drop_prob <= 1.0, "eval.keypoint_drop_prob", "must be in [0, 1]"
+        )
+        _check(self.keypoint_jitter >= 0.0, "eval.keypoint_jitter", "must be >= 0")
         _check(self.num_overlays >= 0, "eval.num_overlays", "must be >= 0")
         _check(
             0.0 <= self.max_reject_fraction <= 1.0, "eval.max_reject_fraction", "must be in [0, 1]"
@@ -441,6 +559,16 @@ PREPROCESS_KEYS: tuple[str, ...] = (
     "model.fallback_min_size",
 )
 
+# Preprocessing keys added after variants were already stored: they enter the variant key only
+# when they differ from their default, so the Parquet of today's configs keeps its name.
+PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
+    "model.align_transform",
+    "model.template_shape",
+    "model.mirror_templates",
+    "model.templates_file",
+    "model.hidden_keypoints",
+)
+
 
 # Bump when the preprocessing code changes what it writes (template frame, features, schema):
 # old Parquet variants then stop matching instead of being silently reused.
@@ -536,8 +664,11 @@ class Config:
     def preprocess_key(self) -> str:
         """A short hash of the keys that change the preprocessed data (names a Parquet variant)."""
         flat = self.to_flat()
+        defaults = Config.to_flat(_DEFAULTS)
+        keys = list(PREPROCESS_KEYS)
+        keys += [k for k in PREPROCESS_KEYS_IF_SET if flat[k] != defaults[k]]
         payload = json.dumps(
-            {"format": PREPROCESS_FORMAT_VERSION, **{k: flat[k] for k in PREPROCESS_KEYS}},
+            {"format": PREPROCESS_FORMAT_VERSION, **{k: flat[k] for k in keys}},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -545,6 +676,9 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested ``{section: {field: value}}``, the YAML layout."""
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+_DEFAULTS = Config()
 
 
 def _suggest(key: str) -> str:

@@ -6,6 +6,7 @@ reporting; it calls these for the maths of one step so they can be tested on the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -25,9 +26,11 @@ __all__ = [
     "train_step",
 ]
 
-# Cosine decays to this fraction of the peak lr; warm-up starts at WARMUP_START of it.
+# Cosine decays to this fraction of the peak lr; warm-up starts at train.warmup_start_factor
+# of it (WARMUP_START by default).
 COSINE_FLOOR: float = 0.01
 WARMUP_START: float = 0.1
+STEP_MILESTONES: tuple[float, ...] = (2 / 3, 8 / 9)
 
 
 def _forward(model: nn.Module, batch: PersonBatch) -> torch.Tensor:
@@ -161,7 +164,7 @@ def evaluate_batches(
 
 
 def build_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (``train.optimizer``) with ``train.lr`` / ``train.weight_decay``.
+    """AdamW, Adam or SGD (``train.optimizer``) with ``train.lr`` / ``train.weight_decay``.
 
     Biases and normalisation parameters (1-D tensors) get no weight decay: decaying BatchNorm
     scales towards 0 only fights the normalisation.
@@ -176,30 +179,40 @@ def build_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.
     ]
     if train_config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=train_config.lr)
+    if train_config.optimizer == "adam":
+        # L2 weight decay folded into the gradient (torch.optim.Adam); the official recipe: 0.
+        return torch.optim.Adam(groups, lr=train_config.lr)
     if train_config.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=train_config.lr, momentum=train_config.momentum, nesterov=True
         )
-    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {train_config.optimizer!r}")
+    raise ValueError(
+        f"train.optimizer must be 'adamw', 'adam' or 'sgd', got {train_config.optimizer!r}"
+    )
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    warmup_start: float = WARMUP_START,
+    milestones: tuple[float, ...] | list[float] = STEP_MILESTONES,
+) -> float:
     """Multiplier of the peak lr at ``step`` (0-based).
 
-    Linear warm-up from ``WARMUP_START`` to 1 over ``warmup_steps``, then ``cosine`` (to
-    ``COSINE_FLOOR`` at ``total_steps``), ``step`` (x0.1 at 2/3 and again at 8/9 of
-    ``total_steps``) or ``constant``.
+    Linear warm-up from ``warmup_start`` to 1 over ``warmup_steps``, then ``cosine`` (to
+    ``COSINE_FLOOR`` at ``total_steps``), ``step`` (x0.1 at each fraction ``milestones`` of
+    ``total_steps``; by default 2/3 and 8/9) or ``constant``.
     """
     if step < warmup_steps:
-        return WARMUP_START + (1.0 - WARMUP_START) * step / warmup_steps
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
     if schedule == "constant":
         return 1.0
     if schedule == "step":
-        if step >= total_steps * 8 / 9:
-            return 0.01
-        if step >= total_steps * 2 / 3:
-            return 0.1
-        return 1.0
+        passed = sum(1 for m in milestones if step >= total_steps * m)
+        return 10.0**-passed  # exact 0.1 and 0.01
     if schedule == "cosine":
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
@@ -213,11 +226,13 @@ def build_lr_schedule(
     """A per-step LambdaLR of :func:`lr_factor`; call ``.step()`` after each optimizer step."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    warmup, schedule = train_config.warmup_steps, train_config.schedule
-    lr_factor(warmup, warmup_steps=warmup, total_steps=total_steps, schedule=schedule)  # validates
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(
-            step, warmup_steps=warmup, total_steps=total_steps, schedule=schedule
-        ),
+    factor = functools.partial(
+        lr_factor,
+        warmup_steps=train_config.warmup_steps,
+        total_steps=total_steps,
+        schedule=train_config.schedule,
+        warmup_start=train_config.warmup_start_factor,
+        milestones=tuple(train_config.step_milestones),
     )
+    factor(train_config.warmup_steps)  # validates the schedule name
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

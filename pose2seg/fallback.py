@@ -127,9 +127,13 @@ def fallback_affines(
             raise ValueError(f"fallback_affines: person {i} has non-finite usable keypoints")
         mu_pts = pts.mean(axis=0)
         spread_pts = np.sqrt(((pts - mu_pts) ** 2).sum(-1).mean())
-        best_cost, best_side, best_mu_tpl = np.inf, side_min, None
+        # Without a template that has all of the person's joints (templates from a file may
+        # lack some), the keypoints' centre goes to the frame's centre at the smallest side.
+        best_cost, best_side, best_mu_tpl = np.inf, side_min, np.full(2, roi_size / 2.0)
         for tpl_unit in templates:
             tpl = tpl_unit[usable] * roi_size  # (M, 2) aligned pixels
+            if not np.isfinite(tpl).all():
+                continue
             mu_tpl = tpl.mean(axis=0)
             spread_tpl = np.sqrt(((tpl - mu_tpl) ** 2).sum(-1).mean())
             if len(pts) < 2 or spread_pts < _EPS or spread_tpl < _EPS:

@@ -309,6 +309,7 @@ class Predictor:
                     image_hw=(h, w),
                     fallback_mode=self.config.fallback,
                     fallback_min_size=self.config.fallback_min_size,
+                    transform=self.config.align_transform,
                 )
                 affines, fallback = assignment.affines, assignment.fallback
             per_image.append((frame, index, affines, fallback, kpts_in[index]))
@@ -325,6 +326,7 @@ class Predictor:
                 roi_size=size,
                 sigma_px=self.config.heatmap_sigma_px,
                 width_px=self.config.paf_width_px,
+                hidden_negative=self.config.hidden_keypoints == "negative",
             )
         images_t = normalise_images(padded.to(self.device))
         with torch.no_grad():

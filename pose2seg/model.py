@@ -15,7 +15,14 @@ from pose2seg.config import ModelConfig
 from pose2seg.ops import align_features
 from pose2seg.skeleton import NUM_SKELETON_CHANNELS, skeleton_channels
 
-__all__ = ["Pose2Seg", "ResidualUnit", "SegModule", "build_model", "count_parameters"]
+__all__ = [
+    "BottleneckUnit",
+    "Pose2Seg",
+    "ResidualUnit",
+    "SegModule",
+    "build_model",
+    "count_parameters",
+]
 
 
 class ResidualUnit(nn.Module):
@@ -37,31 +44,100 @@ class ResidualUnit(nn.Module):
         return F.relu(x + y, inplace=True)
 
 
+class BottleneckUnit(nn.Module):
+    """1x1 -> 3x3 -> 1x1 conv-BN with a shortcut (ResNet's bottleneck; the official SegModule's).
+
+    The shortcut is a 1x1 conv-BN projection when the input and output widths differ.
+    """
+
+    def __init__(self, *, in_channels: int, mid_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_channels)
+        self.conv2 = nn.Conv2d(mid_channels, mid_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid_channels)
+        self.conv3 = nn.Conv2d(mid_channels, out_channels, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        # As in ResidualUnit: the residual branch starts at zero.
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (P,C_in,s,s) -> (P,C_out,s,s)."""
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = F.relu(self.bn2(self.conv2(y)), inplace=True)
+        y = self.bn3(self.conv3(y))
+        return F.relu(self.shortcut(x) + y, inplace=True)
+
+
 class SegModule(nn.Module):
     """Pose2Seg's SegModule: 7x7 stride-2 conv, residual units, bilinear x2, one unit, 1x1 conv.
 
     At S = 64 with 10 units the receptive field is about 50 aligned pixels, enough to see a
-    whole limb (paper, Sec. 3.3).
+    whole limb (paper, Sec. 3.3). ``block="basic"``: basic units of width ``channels``;
+    ``block="bottleneck"``: the official layout, bottleneck units of middle width ``channels``
+    and output ``4 * channels`` (256 -> 1024 at the official width), the unit after the
+    upsampling of middle width ``channels / 2`` and output ``2 * channels``.
+    ``head="two_class"``: two output maps whose difference is the logit, so that BCE on it is
+    the official 2-class cross-entropy.
     """
 
-    def __init__(self, *, in_channels: int, channels: int, num_residual_units: int) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        channels: int,
+        num_residual_units: int,
+        block: str = "basic",
+        head: str = "logit",
+    ) -> None:
         super().__init__()
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"model.seg_block must be 'basic' or 'bottleneck', got {block!r}")
+        if head not in ("logit", "two_class"):
+            raise ValueError(f"model.mask_head must be 'logit' or 'two_class', got {head!r}")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        self.units = nn.Sequential(
-            *(ResidualUnit(channels=channels) for _ in range(num_residual_units))
-        )
-        self.refine = ResidualUnit(channels=channels)
-        self.head = nn.Conv2d(channels, 1, kernel_size=1)
+        if block == "basic":
+            self.units = nn.Sequential(
+                *(ResidualUnit(channels=channels) for _ in range(num_residual_units))
+            )
+            self.refine: nn.Module = ResidualUnit(channels=channels)
+            out = channels
+        else:
+            wide = 4 * channels
+            self.units = nn.Sequential(
+                *(
+                    BottleneckUnit(
+                        in_channels=channels if i == 0 else wide,
+                        mid_channels=channels,
+                        out_channels=wide,
+                    )
+                    for i in range(num_residual_units)
+                )
+            )
+            out = 2 * channels
+            self.refine = BottleneckUnit(
+                in_channels=wide, mid_channels=max(1, channels // 2), out_channels=out
+            )
+        self.two_class = head == "two_class"
+        self.head = nn.Conv2d(out, 2 if self.two_class else 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (P,C_in,S,S) aligned features + skeleton -> logits (P,S,S)."""
         y = self.units(self.stem(x))
         y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.head(self.refine(y))[:, 0]
+        y = self.head(self.refine(y))
+        # Softmax over (background, person) is sigmoid of the difference of their logits.
+        return y[:, 1] - y[:, 0] if self.two_class else y[:, 0]
 
 
 class Pose2Seg(nn.Module):
@@ -73,9 +149,13 @@ class Pose2Seg(nn.Module):
             raise ValueError(f"model.arch must be 'pose2seg' for Pose2Seg, got {config.arch!r}")
         self.config = config
         self.roi_size = config.roi_size
-        self.backbone = ResNetFPN(depth=config.backbone_depth, fpn_channels=config.fpn_channels)
-        if config.pretrained_backbone:
-            load_backbone_state_dict(self.backbone, config.pretrained_backbone)
+        self.backbone = ResNetFPN(
+            depth=config.backbone_depth,
+            fpn_channels=config.fpn_channels,
+            frozen_bn=config.freeze_backbone_bn,
+        )
+        if config.pretrained_source:
+            load_backbone_state_dict(self.backbone, config.pretrained_source)
         channels = skeleton_channels(config.skeleton_features)
         self.uses_all_skeleton_channels = len(channels) == NUM_SKELETON_CHANNELS
         # A buffer so the index follows the model to its device.
@@ -86,6 +166,8 @@ class Pose2Seg(nn.Module):
             in_channels=config.fpn_channels + len(channels),
             channels=config.seg_channels,
             num_residual_units=config.num_residual_units,
+            block=config.seg_block,
+            head=config.mask_head,
         )
 
     def forward(
@@ -160,8 +242,9 @@ def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module
     # 256: both archs then share backbone depth and FPN width (model.fpn_channels = 256 gives
     # torchvision's standard Mask R-CNN). From scratch: trainable BatchNorm everywhere
     # (torchvision freezes it only for pretrained weights), all layers trainable, no download.
+    norm_layer = torchvision.ops.FrozenBatchNorm2d if config.freeze_backbone_bn else nn.BatchNorm2d
     resnet = getattr(torchvision.models, f"resnet{config.backbone_depth}")(
-        weights=None, norm_layer=nn.BatchNorm2d
+        weights=None, norm_layer=norm_layer
     )
     stage2 = resnet.inplanes // 8  # 64 (basic blocks) or 256 (bottlenecks)
     channels = config.fpn_channels
@@ -172,8 +255,8 @@ def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module
         out_channels=channels,
         extra_blocks=LastLevelMaxPool(),
     )
-    if config.pretrained_backbone:
-        _load_maskrcnn_backbone(backbone, config.pretrained_backbone, depth=config.backbone_depth)
+    if config.pretrained_source:
+        _load_maskrcnn_backbone(backbone, config.pretrained_source, depth=config.backbone_depth)
     # The mask head is as wide as the FPN, as torchvision's (256 = 256).
     mask_head = MaskRCNNHeads(channels, (channels,) * 4, 1)
     mask_predictor = MaskRCNNPredictor(channels, channels, 2)
@@ -199,7 +282,11 @@ def _load_maskrcnn_backbone(backbone: nn.Module, path: str, *, depth: int) -> No
     resnet = ResNetFPN(depth=depth, fpn_channels=8)
     load_backbone_state_dict(resnet, path)
     names = set(resnet.resnet_parameters_names())
-    state = {k: v for k, v in resnet.state_dict().items() if k in names}
+    state = {
+        k: v
+        for k, v in resnet.state_dict().items()
+        if k in names and not k.endswith("num_batches_tracked")
+    }
     backbone.body.load_state_dict(state, strict=False)
 
 

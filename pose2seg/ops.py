@@ -289,13 +289,15 @@ def render_skeleton_features(
     roi_size: int,
     sigma_px: float,
     width_px: float,
+    hidden_negative: bool = False,
 ) -> torch.Tensor:
     """Part affinity fields and keypoint confidence maps in the aligned frame (the reference).
 
     The formula of ``docs/ARCHITECTURE.md``, at pixel centres ``p = (j + 0.5, i + 0.5)``:
 
     - heatmap k: ``exp(-|p - p_k|^2 / (2 sigma^2))`` with ``sigma = sigma_px * S / 64``, zero when
-      keypoint k is not usable (v = 0);
+      keypoint k is not usable (v = 0); negated for a hidden keypoint (v = 1) when
+      ``hidden_negative`` (the official convention, ``model.hidden_keypoints = negative``);
     - limb (a, b) of ``LIMBS`` with both ends usable and ``|p_b - p_a| > 1e-6``: the unit vector
       ``d = (p_b - p_a) / |p_b - p_a|`` where ``0 <= (p - p_a).d <= |p_b - p_a|`` and
       ``|(p - p_a) x d| <= w``, ``w = width_px * S / 64``; zero elsewhere.
@@ -305,6 +307,7 @@ def render_skeleton_features(
         roi_size: S.
         sigma_px: ``model.heatmap_sigma_px``, the Gaussian std in pixels at S = 64.
         width_px: ``model.paf_width_px``, the limb half-width in pixels at S = 64.
+        hidden_negative: draw the Gaussians of hidden (v = 1) keypoints negative.
 
     Returns:
         (P,55,S,S) float32 on the keypoints' device: 2 PAF channels per limb (x then y, limb
@@ -328,7 +331,10 @@ def render_skeleton_features(
     dx = px - xy[..., 0, None, None]  # (P,K,1,S)
     dy = py - xy[..., 1, None, None]  # (P,K,S,1)
     heatmaps = torch.exp(-(dx * dx + dy * dy) / (2.0 * sigma * sigma))
-    heatmaps = heatmaps * usable[..., None, None]
+    sign = usable.to(torch.float32)
+    if hidden_negative:
+        sign = torch.where(kpts[..., 2] == 1, -sign, sign)
+    heatmaps = heatmaps * sign[..., None, None]
 
     a_idx = torch.tensor([a for a, _ in LIMBS], device=device)
     b_idx = torch.tensor([b for _, b in LIMBS], device=device)

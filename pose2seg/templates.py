@@ -27,16 +27,34 @@ Choices made here (documented because other parts rely on them):
 - **Degenerate people** (fewer than 3 usable keypoints, or usable keypoints whose spread across
   their main axis is below :data:`MIN_SPREAD_RATIO` of the spread along it) get the keypoint-only
   fallback RoI of :mod:`pose2seg.fallback` with ``template_id = -1`` and ``fallback = True``.
+
+Options of the official implementation (liruilong940607/Pose2Seg), each a config key:
+
+- ``transform="similarity"`` (``model.align_transform``): rotation, uniform scale and shift by
+  weighted least squares instead of the full affine; collinear keypoints are then no problem
+  (only fewer than 3 usable keypoints are degenerate).
+- ``shape="aspect_kept"`` (``model.template_shape``): a template's longer keypoint extent fills
+  :data:`TEMPLATE_EXTENT` and the pose keeps its aspect ratio, instead of a per-axis stretch.
+- Mirrored templates (``model.mirror_templates``, :func:`mirror_templates`): each template is
+  followed by a copy with its left and right joint labels swapped (the same shape seen from the
+  other side, a reflection no rotation can reach); the training poses are clustered together
+  with their mirror images.
+- Templates with missing joints (NaN coordinates, e.g. from the official ``templates.json``,
+  :func:`templates_from_json`): a template is only a candidate for a person whose usable
+  keypoints it all has, and the fit score is multiplied by the share ``shared / union`` of the
+  person's and the template's joints (as the official selection does). Full templates have a
+  share of 1, so the selection among them is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pose2seg.fallback import DEFAULT_MIN_SIZE, fallback_affines
-from pose2seg.skeleton import NUM_KEYPOINTS
+from pose2seg.skeleton import FLIP_PAIRS, KEYPOINT_NAMES, NUM_KEYPOINTS
 
 TEMPLATE_EXTENT: float = 0.7
 """Fraction of the aligned frame side covered by a template's keypoint extent, per axis."""
@@ -52,6 +70,11 @@ DEFAULT_BOX_MARGIN: float = 0.25
 """Box fallback: the square around the box is ``(1 + margin) * max(w, h)`` wide."""
 MIN_KEYPOINTS_FOR_FIT: int = 8
 """Poses with fewer usable keypoints do not take part in template fitting (if enough others do)."""
+
+OFFICIAL_TEMPLATE_SCALE: float = 1.1
+"""The official model scales ``templates.json`` coordinates by this around the frame centre."""
+TEMPLATE_SHAPES: tuple[str, ...] = ("stretched", "aspect_kept")
+ALIGN_TRANSFORMS: tuple[str, ...] = ("affine", "similarity")
 
 _EPS = 1e-12
 
@@ -150,11 +173,17 @@ def _pose_distances(poses: np.ndarray, usable: np.ndarray, centres: np.ndarray) 
     return sq.sum(-1) / np.maximum(usable.sum(-1), 1)[:, None]
 
 
-def _to_unit_frame(centres: np.ndarray) -> np.ndarray:
-    """Place each template (T,K,2) centred in [0,1]^2, its extent = TEMPLATE_EXTENT per axis."""
+def _to_unit_frame(centres: np.ndarray, shape: str = "stretched") -> np.ndarray:
+    """Place each template (T,K,2) centred in [0,1]^2, its extent = TEMPLATE_EXTENT per axis
+    (``stretched``) or along its longer axis, aspect kept (``aspect_kept``)."""
     lo, hi = centres.min(axis=1), centres.max(axis=1)  # (T, 2)
-    # A template that is nearly flat along one axis would be stretched without bound.
-    extent = np.maximum(hi - lo, 0.25 * (hi - lo).max(axis=1, keepdims=True))
+    if shape == "aspect_kept":
+        extent = np.repeat((hi - lo).max(axis=1, keepdims=True), 2, axis=1)
+    elif shape == "stretched":
+        # A template that is nearly flat along one axis would be stretched without bound.
+        extent = np.maximum(hi - lo, 0.25 * (hi - lo).max(axis=1, keepdims=True))
+    else:
+        raise ValueError(f"template shape must be one of {list(TEMPLATE_SHAPES)}, got {shape!r}")
     scale = TEMPLATE_EXTENT / np.maximum(extent, _EPS)  # (T, 2)
     mid = (lo + hi) / 2
     return (centres - mid[:, None, :]) * scale[:, None, :] + 0.5
@@ -166,6 +195,8 @@ def fit_pose_templates(
     num_templates: int,
     seed: int,
     max_iterations: int = 100,
+    shape: str = "stretched",
+    mirror: bool = False,
 ) -> np.ndarray:
     """Cluster normalised training poses into ``num_templates`` pose templates (k-means).
 
@@ -181,10 +212,14 @@ def fit_pose_templates(
         num_templates: T >= 1.
         seed: seed of the k-means++ initialisation.
         max_iterations: Lloyd iterations at most.
+        shape: ``stretched`` (each axis fills :data:`TEMPLATE_EXTENT`) or ``aspect_kept``.
+        mirror: cluster the poses together with their mirror images and return each template
+            followed by :func:`mirror_templates` of it (2T templates, the official layout).
 
     Returns:
-        ``(T, K, 2)`` float32 templates in unit aligned coordinates, upright (head at small y),
-        each with its keypoint extent filling :data:`TEMPLATE_EXTENT` of the frame, centred.
+        ``(T, K, 2)`` (``(2T, K, 2)`` with ``mirror``) float32 templates in unit aligned
+        coordinates, upright (head at small y), centred, each with its keypoint extent filling
+        :data:`TEMPLATE_EXTENT` of the frame.
 
     Raises:
         ValueError: bad shapes, or fewer usable poses than ``num_templates``.
@@ -192,6 +227,11 @@ def fit_pose_templates(
     if num_templates < 1:
         raise ValueError(f"num_templates must be >= 1, got {num_templates}")
     poses, usable = normalise_poses(keypoints)
+    if mirror:
+        # Mirror images: x negated and left/right labels swapped (still upright).
+        flipped = _swap_left_right(poses * np.array([-1.0, 1.0]))
+        poses = np.concatenate([poses, flipped])
+        usable = np.concatenate([usable, _swap_left_right(usable)])
     counts = usable.sum(axis=1)
     keep = counts >= MIN_KEYPOINTS_FOR_FIT
     if keep.sum() < num_templates:
@@ -239,7 +279,87 @@ def fit_pose_templates(
 
     sizes = np.bincount(labels, minlength=num_templates)
     order = np.argsort(-sizes, kind="stable")
-    return _to_unit_frame(centres[order]).astype(np.float32)
+    templates = _to_unit_frame(centres[order], shape).astype(np.float32)
+    return mirror_templates(templates) if mirror else templates
+
+
+def _swap_left_right(values: np.ndarray) -> np.ndarray:
+    """``values (..., K, ...)`` with the joints of every :data:`FLIP_PAIRS` pair exchanged
+    (axis -2 for coordinates ``(..., K, 2)``, axis -1 for flags ``(..., K)``)."""
+    out = values.copy()
+    axis = -2 if values.ndim >= 2 and values.shape[-1] == 2 else -1
+    for a, b in FLIP_PAIRS:
+        ia = [slice(None)] * values.ndim
+        ib = [slice(None)] * values.ndim
+        ia[axis], ib[axis] = a, b
+        out[tuple(ia)], out[tuple(ib)] = values[tuple(ib)], values[tuple(ia)]
+    return out
+
+
+def mirror_templates(templates: np.ndarray) -> np.ndarray:
+    """``(T, K, 2)`` -> ``(2T, K, 2)``: the templates, then copies with left/right labels swapped.
+
+    The coordinates are not reflected: a swapped copy is the same silhouette with the person
+    facing the other way, which the (orientation-preserving) alignment cannot reach by itself.
+    This is how the official implementation expands its 3 templates to 6.
+    """
+    templates = np.asarray(templates, dtype=np.float32)
+    if templates.ndim != 3 or templates.shape[1:] != (NUM_KEYPOINTS, 2):
+        raise ValueError(
+            f"templates must have shape (T, {NUM_KEYPOINTS}, 2), got {templates.shape}"
+        )
+    return np.concatenate([templates, _swap_left_right(templates)]).astype(np.float32)
+
+
+def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndarray:
+    """Pose templates from the official ``templates.json`` layout (already parsed).
+
+    The layout (liruilong940607/Pose2Seg ``modeling/templates.json``): ``templates``, a list of
+    T flat lists of K * 3 numbers ``x, y, w`` per joint in unit coordinates (``w`` = the mean
+    COCO visibility of the joint in the cluster); ``vis_threshold``, joints with ``w`` below it
+    are dropped from that template; optional ``names`` (the joint order, COCO names, reordered
+    to ours) and other keys (``flip_map``, ``connections``, ``minpoints``), which are ignored.
+    As the official model does, coordinates are scaled by :data:`OFFICIAL_TEMPLATE_SCALE`
+    around the frame centre. Mirrors are not added here (see :func:`mirror_templates`).
+
+    Returns:
+        ``(T, K, 2)`` float32, NaN for the dropped joints.
+
+    Raises:
+        ValueError: naming ``source`` and what is wrong.
+    """
+    if not isinstance(data, dict) or "templates" not in data:
+        raise ValueError(f"{source}: expected a JSON object with a 'templates' list")
+    raw = data["templates"]
+    names = data.get("names", list(KEYPOINT_NAMES))
+    threshold = data.get("vis_threshold", 0.0)
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise ValueError(f"{source}: vis_threshold must be a number, got {threshold!r}")
+    if not isinstance(names, list) or sorted(names) != sorted(KEYPOINT_NAMES):
+        raise ValueError(
+            f"{source}: names must list the {NUM_KEYPOINTS} COCO keypoints, got {names!r}"
+        )
+    try:
+        values = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: templates must be lists of numbers") from None
+    if values.ndim != 2 or values.shape[1] != NUM_KEYPOINTS * 3 or len(values) < 1:
+        raise ValueError(
+            f"{source}: templates must be T >= 1 lists of {NUM_KEYPOINTS * 3} numbers "
+            f"(x, y, w per joint), got shape {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"{source}: templates hold non-finite numbers")
+    values = values.reshape(len(values), NUM_KEYPOINTS, 3)
+    values = values[:, [names.index(name) for name in KEYPOINT_NAMES]]
+    xy = (values[..., :2] - 0.5) * OFFICIAL_TEMPLATE_SCALE + 0.5
+    present = values[..., 2] >= threshold
+    if (present.sum(axis=1) < 3).any():
+        bad = int(np.argmax(present.sum(axis=1) < 3))
+        raise ValueError(
+            f"{source}: template {bad} keeps fewer than 3 joints at vis_threshold {threshold}"
+        )
+    return np.where(present[..., None], xy, np.nan).astype(np.float32)
 
 
 def _solve_affines(
@@ -280,6 +400,42 @@ def _solve_affines(
     trans = dst_mean - np.einsum("ntij,nj->nti", lin, mu)
     affines = np.concatenate([lin, trans[..., None]], axis=-1)  # (N, T, 2, 3)
 
+    pred = np.einsum("ntij,nkj->ntki", lin, xc) + dst_mean[:, :, None, :]
+    sq = ((pred - dst[None]) ** 2).sum(-1)  # (N, T, K)
+    residual = np.sqrt(np.einsum("nk,ntk->nt", w, sq) / np.maximum(wsum, _EPS)[:, None])
+    affines[degenerate] = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    residual[degenerate] = np.inf
+    return affines, residual, degenerate
+
+
+def _solve_similarities(
+    src: np.ndarray, weights: np.ndarray, dst: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least-squares similarities (rotation, uniform scale, shift; no reflection).
+
+    Same arguments and returns as :func:`_solve_affines`. With ``x`` the centred source points
+    and ``y`` the centred destination points, the linear part is ``[[p, -q], [q, p]]`` with
+    ``p = sum w x.y / sum w |x|^2`` and ``q = sum w (x_0 y_1 - x_1 y_0) / sum w |x|^2``.
+    Degenerate: fewer than 3 weighted points, or all of them at one place.
+    """
+    w = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0)
+    src = np.where(w[..., None] > 0, src, 0.0)
+    wsum = w.sum(axis=1)  # (N,)
+    mu = (src * w[..., None]).sum(axis=1) / np.maximum(wsum, _EPS)[:, None]  # (N, 2)
+    xc = np.where(w[..., None] > 0, src - mu[:, None, :], 0.0)  # (N, K, 2)
+    sxx = np.einsum("nk,nkc->n", w, xc * xc)  # (N,)
+    degenerate = ((w > 0).sum(axis=1) < 3) | (sxx <= _EPS * np.maximum(wsum, 1.0))
+    dst_mean = np.einsum("nk,tkc->ntc", w, dst) / np.maximum(wsum, _EPS)[:, None, None]
+    yc = dst[None] - dst_mean[:, :, None, :]  # (N, T, K, 2)
+    dot = np.einsum("nk,nkc,ntkc->nt", w, xc, yc)
+    cross = np.einsum("nk,nk,ntk->nt", w, xc[..., 0], yc[..., 1]) - np.einsum(
+        "nk,nk,ntk->nt", w, xc[..., 1], yc[..., 0]
+    )
+    denom = np.where(degenerate, 1.0, sxx)[:, None]
+    p, q = dot / denom, cross / denom  # (N, T)
+    lin = np.stack([np.stack([p, -q], -1), np.stack([q, p], -1)], -2)  # (N, T, 2, 2)
+    trans = dst_mean - np.einsum("ntij,nj->nti", lin, mu)
+    affines = np.concatenate([lin, trans[..., None]], axis=-1)
     pred = np.einsum("ntij,nkj->ntki", lin, xc) + dst_mean[:, :, None, :]
     sq = ((pred - dst[None]) ** 2).sum(-1)  # (N, T, K)
     residual = np.sqrt(np.einsum("nk,ntk->nt", w, sq) / np.maximum(wsum, _EPS)[:, None])
@@ -409,6 +565,7 @@ def assign_templates(
     image_hw: tuple[int, int] | None = None,
     fallback_mode: str = "keypoints",
     fallback_min_size: float = DEFAULT_MIN_SIZE,
+    transform: str = "affine",
 ) -> Assignment:
     """Affine-Align: choose each person's template and its affine (vectorised over N and T).
 
@@ -430,6 +587,8 @@ def assign_templates(
         image_hw: ``(h, w)`` of the input frame, for the fallback's image-relative RoI size.
         fallback_mode: ``model.fallback``, ``keypoints`` or ``image``.
         fallback_min_size: ``model.fallback_min_size``.
+        transform: ``affine`` (full affine) or ``similarity`` (rotation, uniform scale, shift;
+            the official implementation), ``model.align_transform``.
 
     Returns:
         :class:`Assignment` with affines mapping input-frame pixels to aligned-frame pixels.
@@ -447,6 +606,8 @@ def assign_templates(
         )
     if alignment not in ("pose", "box"):
         raise ValueError(f"alignment must be 'pose' or 'box', got {alignment!r}")
+    if transform not in ALIGN_TRANSFORMS:
+        raise ValueError(f"transform must be one of {list(ALIGN_TRANSFORMS)}, got {transform!r}")
     if roi_size < 1:
         raise ValueError(f"roi_size must be >= 1, got {roi_size}")
     usable = keypoints[..., 2] > 0
@@ -470,20 +631,22 @@ def assign_templates(
     use_box = np.ones(n, dtype=bool)
     if alignment == "pose" and n > 0:
         weights = keypoint_weights(keypoints) * usable
-        all_affines, residual, degenerate = _solve_affines(
-            keypoints[..., :2], weights, templates, min_spread_ratio=MIN_SPREAD_RATIO
+        all_affines, cost, share = _fit_all_templates(
+            keypoints[..., :2], weights, templates, transform=transform
         )
-        sv = np.linalg.svd(all_affines[..., :2], compute_uv=False)  # (N, T, 2)
-        log_aniso = np.log(np.maximum(sv[..., 0], _EPS) / np.maximum(sv[..., 1], _EPS))
-        cost = residual**2 + ANISOTROPY_WEIGHT * log_aniso**2
-        cost[degenerate] = np.inf
-        best = cost.argmin(axis=1)
-        ok = ~degenerate
+        # Maximise fit quality times joint share; with full templates (share 1) that is the
+        # lowest cost, and exp(-cost / 2 tau^2) underflowing to 0 never hides a better fit.
+        objective = np.where(
+            np.isfinite(cost), np.log(np.maximum(share, _EPS)) - cost / (2 * SCORE_TAU**2), -np.inf
+        )
+        best = objective.argmax(axis=1)
         rows = np.arange(n)
+        ok = np.isfinite(objective[rows, best])
         affines[ok] = all_affines[rows, best][ok] * roi_size
         template_ids[ok] = best[ok]
-        scores[ok] = np.exp(-cost[rows, best][ok] / (2 * SCORE_TAU**2))
+        scores[ok] = (share * np.exp(-cost / (2 * SCORE_TAU**2)))[rows, best][ok]
         scores[~ok] = 0.0
+        degenerate = ~ok
         fallback = degenerate.copy()
         # Only a caller-given box can place a person without any usable keypoint.
         use_box = degenerate & ~usable.any(axis=1)
@@ -507,6 +670,56 @@ def assign_templates(
         scores=scores.astype(np.float32),
         fallback=fallback,
     )
+
+
+def _fit_all_templates(
+    xy: np.ndarray, weights: np.ndarray, templates: np.ndarray, *, transform: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every person against every template.
+
+    Args:
+        xy: ``(N, K, 2)`` input-frame keypoints.
+        weights: ``(N, K)`` least-squares weights (0 = unusable).
+        templates: ``(T, K, 2)`` unit coordinates, NaN for joints a template does not have.
+        transform: ``affine`` or ``similarity``.
+
+    Returns:
+        affines ``(N, T, 2, 3)`` into unit coordinates, cost ``(N, T)`` (inf where the fit is
+        degenerate or the template lacks one of the person's usable joints) and share
+        ``(N, T)`` = shared joints / joints of either.
+    """
+    present = np.isfinite(templates).all(axis=-1)  # (T, K)
+    n, t = len(xy), len(templates)
+
+    def solve(w: np.ndarray, dst: np.ndarray):
+        if transform == "similarity":
+            return _solve_similarities(xy, w, dst)
+        return _solve_affines(xy, w, dst, min_spread_ratio=MIN_SPREAD_RATIO)
+
+    if present.all():
+        # Today's path, vectorised over templates.
+        all_affines, residual, degenerate = solve(weights, templates)
+        residual = np.where(degenerate[:, None], np.inf, residual)
+        share = np.ones((n, t))
+    else:
+        all_affines = np.zeros((n, t, 2, 3))
+        residual = np.full((n, t), np.inf)
+        person = weights > 0
+        share = np.zeros((n, t))
+        for j in range(t):
+            dst = np.where(present[j][:, None], templates[j], 0.0)[None]
+            w = weights * present[j]
+            affine_j, residual_j, degenerate_j = solve(w, dst)
+            all_affines[:, j] = affine_j[:, 0]
+            # A template must hold every usable joint of the person (the official rule).
+            lacking = (person & ~present[j]).any(axis=1)
+            residual[:, j] = np.where(degenerate_j | lacking, np.inf, residual_j[:, 0])
+            union = (person | present[j]).sum(axis=1)
+            share[:, j] = (person & present[j]).sum(axis=1) / np.maximum(union, 1)
+    sv = np.linalg.svd(all_affines[..., :2], compute_uv=False)  # (N, T, 2)
+    log_aniso = np.log(np.maximum(sv[..., 0], _EPS) / np.maximum(sv[..., 1], _EPS))
+    cost = residual**2 + ANISOTROPY_WEIGHT * log_aniso**2
+    return all_affines, cost, share
 
 
 def apply_affine(points: np.ndarray, affines: np.ndarray) -> np.ndarray:

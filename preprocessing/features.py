@@ -28,14 +28,20 @@ _LIMB_B = np.array([b for _, b in LIMBS])
 
 
 def render_skeleton_features(
-    kpts_aligned: np.ndarray, *, roi_size: int, sigma_px: float, width_px: float
+    kpts_aligned: np.ndarray,
+    *,
+    roi_size: int,
+    sigma_px: float,
+    width_px: float,
+    hidden_negative: bool = False,
 ) -> np.ndarray:
     """Part affinity fields and keypoint confidence maps in the aligned frame.
 
     At pixel centres ``p = (j + 0.5, i + 0.5)``:
 
     - heatmap k: ``exp(-|p - p_k|^2 / (2 sigma^2))``, ``sigma = sigma_px * S / 64``; zero when
-      keypoint k is not usable (v = 0);
+      keypoint k is not usable (v = 0); negated for a hidden keypoint (v = 1) when
+      ``hidden_negative`` (the official convention, ``model.hidden_keypoints = negative``);
     - limb (a, b) of ``LIMBS`` with both ends usable and ``|p_b - p_a| > 1e-6``: the unit vector
       ``d = (p_b - p_a) / |p_b - p_a|`` where ``0 <= (p - p_a).d <= |p_b - p_a|`` and
       ``|(p - p_a) x d| <= w``, ``w = width_px * S / 64``; zero elsewhere.
@@ -45,6 +51,7 @@ def render_skeleton_features(
         roi_size: S.
         sigma_px: ``model.heatmap_sigma_px``, the Gaussian std in pixels at S = 64.
         width_px: ``model.paf_width_px``, the limb half-width in pixels at S = 64.
+        hidden_negative: draw the Gaussians of hidden (v = 1) keypoints negative.
 
     Returns:
         ``(N, 55, S, S)`` float32: 2 PAF channels per limb (x then y, ``LIMBS`` order), then
@@ -76,7 +83,7 @@ def render_skeleton_features(
     np.add(dx * dx, dy * dy, out=heat)
     heat /= np.float32(-2.0 * sigma * sigma)
     np.exp(heat, out=heat)
-    heat *= usable[..., None, None]
+    heat *= _heatmap_sign(kpts[..., 2], hidden_negative)[..., None, None]
 
     pa, pb = xy[:, _LIMB_A], xy[:, _LIMB_B]  # (N, L, 2)
     vec = pb - pa
@@ -120,8 +127,22 @@ def _window_pixels(
 _HEATMAP_SUPPORT_SIGMAS = 3.4
 
 
+def _heatmap_sign(visibility: np.ndarray, hidden_negative: bool) -> np.ndarray:
+    """``(..., K)`` float32: 0 for unusable keypoints, 1 for usable ones, -1 for hidden (v = 1)
+    ones when ``hidden_negative``."""
+    sign = (visibility > 0).astype(np.float32)
+    if hidden_negative:
+        sign[visibility == 1] = -1.0
+    return sign
+
+
 def render_quantised_skeleton_features(
-    kpts_aligned: np.ndarray, *, roi_size: int, sigma_px: float, width_px: float
+    kpts_aligned: np.ndarray,
+    *,
+    roi_size: int,
+    sigma_px: float,
+    width_px: float,
+    hidden_negative: bool = False,
 ) -> np.ndarray:
     """``quantise(render_skeleton_features(...))``, computed only near the limbs and keypoints.
 
@@ -192,7 +213,12 @@ def render_quantised_skeleton_features(
         value /= np.float32(-2.0 * sigma * sigma)
         np.exp(value, out=value)
         channel = 2 * len(LIMBS) + joint[owner]
-        out[person[owner], channel, rows, cols] = quantise(value)
+        q = quantise(value)
+        if hidden_negative:
+            # quantise is odd-symmetric, so quantise(-x) = -quantise(x).
+            hidden = kpts[person, joint, 2][owner] == 1
+            q[hidden] = -q[hidden]
+        out[person[owner], channel, rows, cols] = q
     return out
 
 

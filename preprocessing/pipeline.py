@@ -42,7 +42,13 @@ import numpy as np
 from pose2seg.config import Config
 from pose2seg.input_frame import input_frame_keypoints, resize_to_input_frame
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
-from pose2seg.templates import apply_affine, assign_templates, fit_pose_templates
+from pose2seg.templates import (
+    apply_affine,
+    assign_templates,
+    fit_pose_templates,
+    mirror_templates,
+    templates_from_json,
+)
 from preprocessing import schema
 from preprocessing.features import render_quantised_skeleton_features, warp_mask_to_aligned
 from preprocessing.storage import (
@@ -137,6 +143,8 @@ class ShardSettings:
     keypoint_margin_fraction: float
     fallback: str = "keypoints"
     fallback_min_size: float = 0.25
+    align_transform: str = "affine"
+    hidden_negative: bool = False
 
     @classmethod
     def from_config(cls, config: Config, split: str) -> ShardSettings:
@@ -153,6 +161,8 @@ class ShardSettings:
             fallback=config.model.fallback,
             fallback_min_size=config.model.fallback_min_size,
             keypoint_margin_fraction=config.data.keypoint_margin_fraction,
+            align_transform=config.model.align_transform,
+            hidden_negative=config.model.hidden_keypoints == "negative",
         )
 
 
@@ -275,12 +285,14 @@ def process_image(
         image_hw=new_hw,
         fallback_mode=settings.fallback,
         fallback_min_size=settings.fallback_min_size,
+        transform=settings.align_transform,
     )
     skeleton = render_quantised_skeleton_features(
         apply_affine(keypoints, assignment.affines),
         roi_size=size,
         sigma_px=settings.heatmap_sigma_px,
         width_px=settings.paf_width_px,
+        hidden_negative=settings.hidden_negative,
     )
     targets = np.zeros((n, size, size), dtype=bool)
     mask_rles, gt_rles = [], []
@@ -503,9 +515,7 @@ def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) 
         return np.load(io.BytesIO(read_bytes(uri)))
     annotations_uri, _ = raw_paths(config, "train")
     keypoints = _train_keypoints(annotations_uri, train_reader)
-    templates = fit_pose_templates(
-        keypoints, num_templates=config.model.num_templates, seed=TEMPLATE_SEED
-    )
+    templates = _build_templates(config, keypoints)
     buffer = io.BytesIO()
     np.save(buffer, templates)
     write_bytes(uri, buffer.getvalue())
@@ -513,6 +523,29 @@ def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) 
         f"preprocess: fitted {len(templates)} pose templates on {len(keypoints)} train poses -> {uri}"
     )
     return templates
+
+
+def _build_templates(config: Config, keypoints: np.ndarray) -> np.ndarray:
+    """The templates of ``config``: read from ``model.templates_file`` (the official
+    ``templates.json`` layout) or fitted on the train ``keypoints``; mirrors added if asked."""
+    model = config.model
+    if model.templates_file:
+        source = model.templates_file
+        try:
+            data = json.loads(read_bytes(source).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"model.templates_file: cannot read {source!r} as JSON: {exc}"
+            ) from exc
+        templates = templates_from_json(data, source=f"model.templates_file {source!r}")
+        return mirror_templates(templates) if model.mirror_templates else templates
+    return fit_pose_templates(
+        keypoints,
+        num_templates=model.num_templates,
+        seed=TEMPLATE_SEED,
+        shape=model.template_shape,
+        mirror=model.mirror_templates,
+    )
 
 
 def _delete_split_rejects(rejects_dir: str, split: str) -> None:

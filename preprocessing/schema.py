@@ -447,3 +447,31 @@ def gt_to_coco(decoded_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "annotations": annotations,
         "categories": [{"id": 1, "name": "person", "supercategory": "person"}],
     }
+
+
+def input_frame_masks(decoded_rows: Sequence[dict[str, Any]], *, input_size: int) -> np.ndarray:
+    """``(P, input_size, input_size)`` bool: the visible masks of every person of the decoded
+    rows, in row and person order (the order of a collated batch), in the padded input frame
+    (decoded from ``mask_rles``; used by the training augmentation to re-warp targets)."""
+    from pycocotools import mask as mask_utils
+
+    masks = []
+    for row in decoded_rows:
+        rles = _list(row[MASK_RLES])
+        if len(rles) != len(row[PERSON_IDS]):
+            raise ValueError(
+                f"image {row[IMAGE_ID]}: {len(rles)} mask_rles for {len(row[PERSON_IDS])} people"
+            )
+        for rle in rles:
+            encoded = _rle_dict(rle, input_size, input_size)
+            encoded = {"size": encoded["size"], "counts": encoded["counts"].encode("ascii")}
+            mask = mask_utils.decode(encoded).astype(bool)
+            if mask.shape != (input_size, input_size):
+                raise ValueError(
+                    f"image {row[IMAGE_ID]}: a mask_rles entry is {mask.shape}, expected the "
+                    f"{input_size}x{input_size} input frame (data.input_size)"
+                )
+            masks.append(mask)
+    if not masks:
+        return np.zeros((0, input_size, input_size), dtype=bool)
+    return np.stack(masks)

@@ -211,6 +211,53 @@ def _maybe_inject_failure(loop_config: dict[str, Any], *, epoch: int, rank: int)
         raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
 
 
+def local_pretrained_backbone(config: Config) -> Config:
+    """The config with an ``s3://`` (any URI) ``model.pretrained_backbone`` copied to a local
+    file, since ``pose2seg`` reads local files only; other values are returned unchanged."""
+    source = config.model.pretrained_source
+    if "://" not in source:
+        return config
+    import hashlib
+
+    from preprocessing.storage import read_bytes
+
+    name = hashlib.sha256(source.encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "pose2seg-weights", f"{name}.pt")
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        partial = f"{local}.{uuid.uuid4().hex}.part"
+        with open(partial, "wb") as fh:
+            fh.write(read_bytes(source))
+        os.replace(partial, local)  # atomic: workers of one machine may race
+    return config.with_overrides({"model.pretrained_backbone": local})
+
+
+def build_augmenter(config: Config, *, rank: int):
+    """The per-person training augmentation of ``train.augment_*`` / ``train.occlusion_*`` as
+    ``augment(batch, rows, step) -> batch``, or None when every option is off (or for the
+    Mask R-CNN baseline): then training is exactly what it is without augmentation."""
+    from pose2seg.augment import AugmentSettings, augment_batch, step_generator
+
+    settings = AugmentSettings.from_config(config)
+    if not settings.enabled or config.model.arch != "pose2seg":
+        return None
+
+    def augment(batch, rows: list[dict[str, Any]], step: int):
+        import torch
+
+        from preprocessing.schema import input_frame_masks
+
+        masks = None
+        if settings.geometric:
+            masks = torch.from_numpy(input_frame_masks(rows, input_size=config.data.input_size)).to(
+                batch.affines.device
+            )
+        generator = step_generator(config.train.seed, rank, step)
+        return augment_batch(batch, masks, settings=settings, generator=generator)
+
+    return augment
+
+
 def worker_threads(config: Config) -> int:
     """Torch CPU threads of a training worker: ``train.torch_threads``, or its CPU share."""
     if config.train.torch_threads > 0:
@@ -394,7 +441,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = build_model(config.model, input_size=config.data.input_size)
+    model = build_model(local_pretrained_backbone(config).model, input_size=config.data.input_size)
+    augmenter = build_augmenter(config, rank=rank)
     optimizer = build_optimizer(model, config.train)
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     total_steps = steps_per_epoch * config.train.epochs
@@ -479,6 +527,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         ):
             rows = _decode_batch(batch_np)
             batch = collate_fn(rows, input_size=config.data.input_size).to(device)
+            if augmenter is not None:  # issue 15: per-person augmentation, off by default
+                batch = augmenter(batch, rows, step)
             t_step = time.time()
             stats = step_fn(
                 model,

@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pose2seg.config import PREPROCESS_KEYS, Config  # noqa: E402
+from pose2seg.config import PREPROCESS_KEYS, PREPROCESS_KEYS_IF_SET, Config  # noqa: E402
 from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 
 METRIC = "val_segm_ap"
@@ -38,12 +38,31 @@ def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
 
 def preprocessing_variants(base: Config) -> list[Config]:
     """One config per distinct combination of the searched keys that change the Parquet."""
+    if base.tune.trials:
+        # Named trials: every trial's config, once per distinct Parquet variant.
+        variants: dict[str, Config] = {}
+        for overrides in base.tune.trials.values():
+            cfg = base.with_overrides(overrides)
+            variants.setdefault(cfg.preprocess_key(), cfg)
+        return list(variants.values())
     space = base.tune.search_space
-    keys = [k for k in space if k in PREPROCESS_KEYS]
+    keys = [k for k in space if k in PREPROCESS_KEYS or k in PREPROCESS_KEYS_IF_SET]
     variants = []
     for values in itertools.product(*(space[k] for k in keys)):
         variants.append(base.with_overrides(dict(zip(keys, values, strict=True))))
     return variants or [base]
+
+
+TRIAL_PARAM = "__trial"
+"""Tune parameter naming the trial of ``tune.trials`` (its overrides come from the config)."""
+
+
+def trial_overrides(base: Config, params: dict[str, Any]) -> dict[str, Any]:
+    """The config overrides of a trial: its grid values, or its named trial's overrides."""
+    overrides = {k: v for k, v in params.items() if not k.startswith("__")}
+    if params.get(TRIAL_PARAM) is not None:
+        overrides.update(base.tune.trials[params[TRIAL_PARAM]])
+    return overrides
 
 
 def trial_driver(params: dict[str, Any]) -> None:
@@ -55,7 +74,7 @@ def trial_driver(params: dict[str, Any]) -> None:
     from workflows.train_loop import build_trainer, prepare_data
 
     base = Config.from_flat(params["__base"])
-    overrides = {k: v for k, v in params.items() if not k.startswith("__")}
+    overrides = trial_overrides(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{params['__experiment']}-{trial_id}"
     # No in-trial retries: a diverging trial (NaN) fails the same way every time, and Tune
@@ -173,9 +192,14 @@ def run_tune(
     print(f"[pose2seg] tune experiment {name}; MLflow parent run {parent.run_id}", flush=True)
 
     trainable = tune.with_resources(trial_driver, {"CPU": config.tune.cpus_per_trial_driver})
-    param_space: dict[str, Any] = {
-        key: tune.grid_search(values) for key, values in config.tune.search_space.items()
-    }
+    if config.tune.trials:
+        param_space: dict[str, Any] = {TRIAL_PARAM: tune.grid_search(list(config.tune.trials))}
+        report_keys = ["variant"]
+    else:
+        param_space = {
+            key: tune.grid_search(values) for key, values in config.tune.search_space.items()
+        }
+        report_keys = list(config.tune.search_space)
     param_space.update(
         {"__base": config.to_flat(), "__parent_run_id": parent.run_id, "__experiment": name}
     )
@@ -216,7 +240,8 @@ def run_tune(
     _close_trial_runs(parent, grid)
     rows, errors = [], []
     for result in grid:
-        overrides = {k: v for k, v in _trial_params(result).items() if not k.startswith("__")}
+        params = _trial_params(result)
+        overrides = trial_overrides(config, params)
         cfg = config.with_overrides(overrides)
         df = result.metrics_dataframe
         best_ap = float(df[METRIC].max()) if df is not None and METRIC in df else float("nan")
@@ -227,7 +252,8 @@ def run_tune(
         )
         row = {
             "trial": os.path.basename(result.path),
-            **{k: overrides.get(k) for k in config.tune.search_space},
+            **{k: overrides.get(k) for k in config.tune.search_space if not config.tune.trials},
+            **({"variant": params.get(TRIAL_PARAM)} if config.tune.trials else {}),
             "status": "ERROR" if result.error else "OK",
             "epochs": int(df["epoch"].max()) if df is not None and "epoch" in df else 0,
             "val_segm_ap": best_ap,
@@ -247,7 +273,7 @@ def run_tune(
         rows.append(row)
 
     report_dir = os.path.join(config.eval.output_dir, name)
-    write_ablation_report(rows, list(config.tune.search_space), report_dir)
+    write_ablation_report(rows, report_keys, report_dir)
     for fname in os.listdir(report_dir):
         tracking.log_artifact_file(parent, os.path.join(report_dir, fname), "ablation")
     ok = [r for r in rows if r["status"] == "OK" and r["val_segm_ap"] == r["val_segm_ap"]]

@@ -251,3 +251,64 @@ def test_collate_errors_and_empty_batches():
     logits = model(batch.images, batch.batch_index, batch.affines, batch.skeleton)
     assert logits.shape == (0, 32, 32)
     assert float(mask_loss(logits, batch.targets).detach()) == 0.0
+
+
+def _place_in_torch_hub(monkeypatch, tmp_path, depth: int) -> torchvision.models.ResNet:
+    """A random ResNet saved where torchvision's weights API looks, under the URL's file name."""
+    reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    with torch.no_grad():
+        reference.conv1.weight.normal_()
+        reference.layer4[-1].bn2.running_var.uniform_(0.5, 2.0)
+    weights = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(reference.state_dict(), checkpoints / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return reference
+
+
+def test_imagenet_backbone_comes_from_the_torch_hub_cache(monkeypatch, tmp_path):
+    # No download: the file is already in $TORCH_HOME/hub/checkpoints under torchvision's name.
+    reference = _place_in_torch_hub(monkeypatch, tmp_path, 18)
+    model = Pose2Seg(config=dataclasses.replace(SMALL, pretrained_backbone="imagenet"))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(
+        model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var
+    )
+    # The FPN is not part of the file and keeps its own init.
+    assert model.backbone.lateral[0].weight.shape[0] == SMALL.fpn_channels
+
+
+def test_imagenet_backbone_with_frozen_batchnorm(monkeypatch, tmp_path):
+    reference = _place_in_torch_hub(monkeypatch, tmp_path, 18)
+    config = dataclasses.replace(SMALL, pretrained_backbone="imagenet", freeze_backbone_bn=True)
+    model = Pose2Seg(config=config)
+    bn = model.backbone.layer4[1].bn2
+    assert isinstance(bn, torchvision.ops.FrozenBatchNorm2d)
+    assert torch.equal(bn.running_var, reference.layer4[1].bn2.running_var)
+    # Training mode does not move frozen statistics, and they hold no parameters.
+    model.train()
+    model.backbone(torch.randn(2, 3, 32, 32))
+    assert torch.equal(bn.running_var, reference.layer4[1].bn2.running_var)
+    assert not any(name.startswith("layer4.1.bn2") for name, _ in model.backbone.named_parameters())
+    # The FPN's own BatchNorm stays trainable.
+    assert isinstance(model.backbone.smooth[1], torch.nn.BatchNorm2d)
+
+
+def test_imagenet_backbone_missing_from_an_offline_cache_names_the_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    # Any attempt to reach the network fails at once (the test must never download).
+    import torch.hub
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(ValueError, match="model.pretrained_backbone.*hub/checkpoints"):
+        Pose2Seg(config=dataclasses.replace(SMALL, pretrained_backbone="imagenet"))
+
+
+def test_pretrained_backbone_none_means_from_scratch():
+    config = dataclasses.replace(SMALL, pretrained_backbone="none")
+    assert config.pretrained_source == ""
+    Pose2Seg(config=config)  # does not try to read a file called "none"
