@@ -5,8 +5,9 @@
     python workflows/evaluate.py --config configs/ochuman_eval.yaml --model models:/pose2seg-coco@champion
 
 Keypoints come from the ground truth (the paper's "GT kpt" setting; people without any labelled
-keypoint cannot be segmented by a pose-based model and count as misses) or from a COCO
-keypoint-results JSON of any pose estimator (matched to images by ``image_id``). Batch
+keypoint cannot be segmented by a pose-based model and count as misses), from a COCO
+keypoint-results JSON of any pose estimator (matched to images by ``image_id``), or from the
+keypoint-detector stage (``--keypoints detector``; ``--with-detector`` reports both). Batch
 inference runs on Ray Data actors. The printed AP is pycocotools' ``COCOeval`` on the written
 ``results.json`` against the split's annotation file, unchanged.
 """
@@ -77,6 +78,15 @@ def run_evaluate(
     kp_source = keypoints or config.eval.keypoints
     if kp_source == "gt":
         kps = gt_keypoints(gt)
+    elif kp_source == "detector":  # the keypoint-detector stage (detector.* keys)
+        from workflows.keypoint_detection import run_keypoint_detection
+
+        kps = run_keypoint_detection(
+            [(int(im["id"]), join(images_uri, im["file_name"])) for im in gt["images"]],
+            config=config,
+            num_actors=num_actors,
+            use_gpu=use_gpu,
+        )
     else:
         kps = results_keypoints(json.loads(read_bytes(kp_source)), gt, source=kp_source)
     items = [
@@ -152,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keypoints",
         default=None,
-        help="'gt' or a COCO keypoint-results JSON (default: eval.keypoints)",
+        help="'gt', 'detector' (Keypoint R-CNN, detector.* keys) or a COCO keypoint-results "
+        "JSON (default: eval.keypoints)",
+    )
+    parser.add_argument(
+        "--with-detector",
+        action="store_true",
+        help="also evaluate with the keypoint detector's poses and print both APs",
     )
     parser.add_argument("--actors", type=int, default=1, help="Ray Data inference actors")
     parser.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
@@ -184,6 +200,26 @@ def main(argv: list[str] | None = None) -> int:
         f"inference: {out.inference['images_per_s']:.1f} images/s, {out.inference['people_per_s']:.1f} people/s"
     )
     print(f"results: {out.results_path}   MLflow run: {out.mlflow_run_id}")
+    if args.with_detector:
+        detected = run_evaluate(
+            config,
+            model_ref=model_ref,
+            split=args.split,
+            keypoints="detector",
+            num_actors=args.actors,
+            use_gpu=args.gpu,
+            log_to_mlflow=not args.no_mlflow,
+        )
+        print(f"{'keypoints':<28} segm AP  AP50    occluded AP")
+        for label, o in (
+            (args.keypoints or config.eval.keypoints, out),
+            ("detector (Keypoint R-CNN)", detected),
+        ):
+            m = o.metrics
+            print(
+                f"{label:<28} {m['segm_ap']:.4f}   {m['segm_ap50']:.4f}  {m['occluded_segm_ap']:.4f}"
+            )
+        print(f"results with detected keypoints: {detected.results_path}")
     return 0
 
 

@@ -99,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {info['model']} (asked for {info['requested']}) at {info['url']}")
     print(
         f"try: curl -s {info['url']} -H 'Content-Type: application/json' "
-        "-d '{\"image_uri\": \"/path/to/image.jpg\"}'"
+        '-d \'{"image_uri": "/path/to/image.jpg"}\''
     )
     if args.detach:
-        print(f"detached; stop it with: serve shutdown -y  (or `serve.delete('{info['app_name']}')`)")
+        print(
+            f"detached; stop it with: serve shutdown -y  (or `serve.delete('{info['app_name']}')`)"
+        )
         return 0
     import time
 
