@@ -112,13 +112,14 @@ class KeypointDetector:
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """The people of each image (any sizes) in one forward pass."""
-        tensors = []
+        tensors, sizes = [], []
         for i, image in enumerate(images):
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(
                     f"image {i}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
                 )
+            sizes.append(image.shape[:2])
             tensors.append(
                 torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
             )
@@ -126,14 +127,17 @@ class KeypointDetector:
             return []
         with torch.no_grad():
             outputs = self.model([t.to(self.device) for t in tensors])
-        return [self._to_detections(out) for out in outputs]
+        return [self._to_detections(out, hw) for out, hw in zip(outputs, sizes, strict=True)]
 
-    def _to_detections(self, out: dict[str, torch.Tensor]) -> Detections:
+    def _to_detections(self, out: dict[str, torch.Tensor], hw: tuple[int, int]) -> Detections:
         keep = out["labels"] == 1  # person (the only class of the COCO keypoint model)
         kpts = out["keypoints"][keep].detach().float().cpu().numpy().reshape(-1, NUM_KEYPOINTS, 3)
         kp_scores = out["keypoints_scores"][keep].detach().float().cpu().numpy()
         kp_scores = kp_scores.reshape(-1, NUM_KEYPOINTS)
         kpts = kpts.copy()
+        # The heatmaps can place a keypoint a fraction of a pixel outside the image: clip.
+        kpts[..., 0] = np.clip(kpts[..., 0], 0.0, float(hw[1]))
+        kpts[..., 1] = np.clip(kpts[..., 1], 0.0, float(hw[0]))
         kpts[..., 2] = np.where(kp_scores > self.keypoint_score_threshold, 2.0, 0.0)
         boxes = out["boxes"][keep].detach().float().cpu().numpy().reshape(-1, 4)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
