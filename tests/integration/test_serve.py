@@ -215,7 +215,7 @@ def test_a_redeploy_picks_up_a_new_champion(served, trained):
     second = client.create_model_version(name, first.source, run_id=first.run_id)
     client.set_registered_model_alias(name, alias, second.version)
     try:
-        assert get(info["url"])["model_version"] == first.version  # still the old one
+        assert get(info["url"])["model_version"] == str(first.version)  # still the old one
         again = run_serve(config, model_ref=f"models:/{name}@{alias}")
         assert again["model"] == f"models:/{name}/{second.version}"
         assert get(info["url"])["model_version"] == str(second.version)
