@@ -106,16 +106,24 @@ def main(argv: list[str] | None = None) -> int:
             f"detached; stop it with: serve shutdown -y  (or `serve.delete('{info['app_name']}')`)"
         )
         return 0
+    import signal
     import time
 
     from ray import serve
 
-    print("serving until Ctrl-C")
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, Kubernetes, docker stop) shuts Serve down like Ctrl-C; so does SIGINT where
+    # a non-interactive shell started this process with SIGINT ignored.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print("serving until Ctrl-C", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting Serve down")
+        print("shutting Serve down", flush=True)
     finally:
         serve.shutdown()
     return 0
