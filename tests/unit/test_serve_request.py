@@ -119,3 +119,21 @@ def test_serve_keys_are_validated():
 def test_app_builder_rejects_unknown_args():
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"modle": "models:/x@y"})
+
+
+def test_commands_accept_the_serving_and_detector_options():
+    from workflows.evaluate import build_parser as evaluate_parser
+    from workflows.predict import build_parser as predict_parser
+    from workflows.serve import build_parser as serve_parser
+    from workflows.serve import pin_model_version
+
+    args = serve_parser().parse_args(
+        ["--model", "models:/p/3", "--detach", "--set", "serve.port=9000"]
+    )
+    assert args.detach and args.model == "models:/p/3" and args.overrides == ["serve.port=9000"]
+    assert evaluate_parser().parse_args(["--with-detector"]).with_detector
+    assert evaluate_parser().parse_args(["--keypoints", "detector"]).keypoints == "detector"
+    assert predict_parser().parse_args(["--images", "imgs"]).keypoints is None
+    # Only an alias is resolved (through the registry); versions, runs and folders pass as given.
+    for ref in ("models:/p/3", "runs:/abc/model", "/ckpt/folder"):
+        assert pin_model_version(ref, "sqlite:///unused.db") == ref
