@@ -690,8 +690,10 @@ def test_rayservice_cluster_fits_the_replicas():
             for c in group["template"]["spec"]["containers"]
         )
         assert cpus >= config.serve.cpus_per_replica * n, f"{group['groupName']}: too few CPUs"
-    assert min(g.get("minReplicas", 0) for g, _ in groups) >= 1 or len(groups) > 1, (
-        "at least one replica must have a GPU worker to start on"
+    # The minimum replicas must find GPUs without waiting for the autoscaler.
+    floor = sum(g.get("minReplicas", 0) * n for g, n in groups)
+    assert floor >= config.serve.num_replicas, (
+        f"GPU groups keep {floor} GPUs < serve.num_replicas {config.serve.num_replicas}"
     )
 
 
