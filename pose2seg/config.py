@@ -1,9 +1,10 @@
 """The one typed, validated configuration of the whole workflow.
 
-Sections: ``data``, ``model``, ``train``, ``tune``, ``eval``, ``registry``. Every field has a
-flattened dotted key (``model.roi_size``, ``train.lr``) that is at once the YAML key, the
-``--set key=value`` override, the MLflow param name and the Tune search-space key. An unknown
-key or a bad value raises :class:`ConfigError` naming the key, before any cluster work starts.
+Sections: ``data``, ``model``, ``train``, ``tune``, ``eval``, ``registry``, ``detector``,
+``serve``. Every field has a flattened dotted key (``model.roi_size``, ``train.lr``) that is at
+once the YAML key, the ``--set key=value`` override, the MLflow param name and the Tune
+search-space key. An unknown key or a bad value raises :class:`ConfigError` naming the key,
+before any cluster work starts.
 """
 
 from __future__ import annotations
@@ -510,6 +511,79 @@ class RegistryConfig:
         _check(bool(self.alias), "registry.alias", "must not be empty")
 
 
+@dataclass
+class DetectorConfig:
+    """The keypoint-detector stage: poses for images that come without keypoints."""
+
+    weights: str = "torchvision"
+    """Keypoint R-CNN weights: ``torchvision`` (its weights API: the torch hub cache, downloaded
+    on a machine with internet) or a local path / ``s3://`` URI of the same state dict."""
+    min_size: int = 800
+    """The detector resizes images so their shorter side is this (torchvision's default 800)."""
+    max_size: int = 1333
+    """... and their longer side at most this (torchvision's default 1333)."""
+    person_score_threshold: float = 0.5
+    """Detected people scoring below this are dropped."""
+    keypoint_score_threshold: float = 0.0
+    """Heatmap score above which a detected keypoint is usable (v = 2); others get v = 0."""
+    max_people: int = 20
+    """Most people kept per image."""
+
+    def validate(self) -> None:
+        _check(bool(self.weights), "detector.weights", "must not be empty")
+        _check(self.min_size >= 32, "detector.min_size", "must be >= 32")
+        _check(self.max_size >= self.min_size, "detector.max_size", "must be >= detector.min_size")
+        _check(
+            0.0 <= self.person_score_threshold <= 1.0,
+            "detector.person_score_threshold",
+            "must be in [0, 1]",
+        )
+        _check(self.max_people >= 1, "detector.max_people", "must be >= 1")
+
+
+@dataclass
+class ServeConfig:
+    """Online inference with Ray Serve (``workflows/serve.py``)."""
+
+    num_replicas: int = 1
+    """Replicas of the model; with autoscaling (``serve.max_replicas`` > 0) the minimum."""
+    max_replicas: int = 0
+    """0: a fixed ``serve.num_replicas``; otherwise autoscale between the two."""
+    target_ongoing_requests: float = 2.0
+    """Autoscaling target: requests in flight per replica."""
+    cpus_per_replica: float = 1.0
+    """CPUs each replica asks Ray for (its torch threads: this, rounded, at least 1)."""
+    use_gpu: bool = False
+    """One GPU per replica."""
+    max_batch_size: int = 8
+    """Requests run through the model together (``@serve.batch``)."""
+    batch_wait_timeout_s: float = 0.02
+    """How long a replica waits to fill a batch."""
+    host: str = "127.0.0.1"
+    """HTTP host of Ray Serve's proxy (``0.0.0.0`` in a container)."""
+    port: int = 8000
+    """HTTP port of Ray Serve's proxy."""
+    route_prefix: str = "/"
+    """URL path of the application."""
+    app_name: str = "pose2seg"
+    """Ray Serve application name (a redeploy under the same name replaces it)."""
+
+    def validate(self) -> None:
+        _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
+        _check(
+            self.max_replicas == 0 or self.max_replicas >= self.num_replicas,
+            "serve.max_replicas",
+            "must be 0 (no autoscaling) or >= serve.num_replicas",
+        )
+        _check(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
+        _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", "must be > 0")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
+        _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
+        _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
+        _check(bool(self.app_name), "serve.app_name", "must not be empty")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -517,6 +591,8 @@ SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
     "eval": EvalConfig,
     "registry": RegistryConfig,
+    "detector": DetectorConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -624,6 +700,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -9,7 +9,8 @@
 Splits are named (``train``, ``val``, and any declared under ``eval.splits``); several splits
 give one paper-style table (per split AP, AP50, AP75 and AP by MaxIoU bin) and one MLflow run.
 Keypoints come from the ground truth (the paper's "GT kpt" setting) or from a COCO
-keypoint-results JSON of any pose estimator (matched to images by ``image_id``). People without
+keypoint-results JSON of any pose estimator (matched to images by ``image_id``), or from the
+keypoint-detector stage (``--keypoints detector``; ``--with-detector`` reports both). People without
 any labelled keypoint are scored by ``eval.protocol`` (``ignore``: ignore regions, the default
 and the paper's protocol; ``miss``: misses), exactly as in training-time validation. Batch
 inference runs on Ray Data actors through the one prediction path. The printed AP is
@@ -229,7 +230,21 @@ def run_evaluate_splits(
         ensure_synthetic_dataset(config)
     gts = {name: with_max_iou(load_gt(paths[name][0])) for name in splits}
     kp_source = keypoints or config.eval.keypoints
-    kps = _split_keypoints(kp_source, gts)
+    if kp_source == "detector":  # the keypoint-detector stage (detector.* keys)
+        from preprocessing.storage import join
+        from workflows.keypoint_detection import run_keypoint_detection
+
+        kps = {
+            split: run_keypoint_detection(
+                [(int(im["id"]), join(paths[split][1], im["file_name"])) for im in gt["images"]],
+                config=config,
+                num_actors=num_actors,
+                use_gpu=use_gpu,
+            )
+            for split, gt in gts.items()
+        }
+    else:
+        kps = _split_keypoints(kp_source, gts)
 
     name = f"eval-{'-'.join(splits)}-{time.strftime('%Y%m%d-%H%M%S')}"
     base = os.path.join(config.eval.output_dir, name)
@@ -334,7 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keypoints",
         default=None,
-        help="'gt' or a COCO keypoint-results JSON (default: eval.keypoints)",
+        help="'gt', 'detector' (Keypoint R-CNN, detector.* keys) or a COCO keypoint-results "
+        "JSON (default: eval.keypoints)",
+    )
+    parser.add_argument(
+        "--with-detector",
+        action="store_true",
+        help="also evaluate with the keypoint detector's poses and print both APs",
     )
     parser.add_argument("--actors", type=int, default=1, help="Ray Data inference actors")
     parser.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
@@ -384,6 +405,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"protocol: {config.eval.protocol}")
     print(out.table)
     print(f"tables: {out.output_dir}   MLflow run: {out.mlflow_run_id}")
+    if args.with_detector:
+        detected = run_evaluate_splits(
+            config,
+            model_ref=model_ref,
+            splits=splits,
+            keypoints="detector",
+            num_actors=args.actors,
+            use_gpu=args.gpu,
+            log_to_mlflow=not args.no_mlflow,
+        )
+        label = args.keypoints or config.eval.keypoints
+        print(f"{'split':<8} {'keypoints':<28} segm AP  AP50    occluded AP")
+        for split in splits:
+            for name, o in ((label, out), ("detector (Keypoint R-CNN)", detected)):
+                m = o.splits[split].metrics
+                print(
+                    f"{split:<8} {name:<28} {m['segm_ap']:.4f}   {m['segm_ap50']:.4f}  "
+                    f"{m['occluded_segm_ap']:.4f}"
+                )
+        print(f"tables with detected keypoints: {detected.output_dir}")
     return 0
 
 

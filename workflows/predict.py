@@ -6,7 +6,8 @@
 ``--keypoints`` is either a COCO annotation file (``images`` + ``annotations`` with keypoints;
 file names come from ``images``) or a COCO keypoint-results list (``image_id``, ``keypoints``);
 for a results list, each image is found in ``--images`` as the file whose stem is its id
-(``000000000785.jpg`` or ``785.png``).
+(``000000000785.jpg`` or ``785.png``). Without ``--keypoints`` every image of ``--images`` is
+segmented, its people found by the keypoint detector (Keypoint R-CNN, ``detector.*`` keys).
 """
 
 from __future__ import annotations
@@ -66,26 +67,70 @@ def _items_from_keypoints(doc: Any, images_uri: str, *, source: str):
     return [InferenceItem(image_id=i, uri=files[i], keypoints=kps[i]) for i in ids], images
 
 
+def _items_from_detector(config: Config, images_uri: str, *, num_actors: int, use_gpu: bool):
+    """Every image of the folder, its people found by the keypoint detector. Image ids: the
+    numeric file stems when every stem is a number, else 1, 2, ... in file-name order."""
+    from preprocessing.storage import list_files
+    from workflows.batch_inference import InferenceItem
+    from workflows.keypoint_detection import run_keypoint_detection
+
+    paths = sorted(
+        p for p in list_files(images_uri) if os.path.splitext(p)[1].lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise FileNotFoundError(f"{images_uri}: no {'/'.join(IMAGE_SUFFIXES)} image found")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+    ids = [int(s) for s in stems] if numeric else list(range(1, len(paths) + 1))
+    kps = run_keypoint_detection(
+        list(zip(ids, paths, strict=True)), config=config, num_actors=num_actors, use_gpu=use_gpu
+    )
+    items = [
+        InferenceItem(image_id=i, uri=p, keypoints=kps[i]) for i, p in zip(ids, paths, strict=True)
+    ]
+    images = [{"id": i, "file_name": os.path.basename(p)} for i, p in zip(ids, paths, strict=True)]
+    return items, images
+
+
 def run_predict(
     config: Config,
     *,
     model_ref: str,
     images_uri: str,
-    keypoints_uri: str,
+    keypoints_uri: str | None,
     out_dir: str,
     num_actors: int = 1,
     use_gpu: bool = False,
 ) -> dict[str, Any]:
-    """Predict, write ``results.json`` and overlays; returns a summary dict."""
+    """Predict, write ``results.json`` and overlays; returns a summary dict. Without
+    ``keypoints_uri`` the keypoint detector finds the people of every image in ``images_uri``
+    (their keypoints are written to ``keypoints.json``, the image ids to ``images.json``)."""
     from preprocessing.storage import read_bytes
     from workflows.batch_inference import run_batch_inference, write_rejects
     from workflows.eval_io import write_overlays
 
-    try:
-        doc = json.loads(read_bytes(keypoints_uri))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{keypoints_uri}: not valid JSON: {exc}") from None
-    items, images = _items_from_keypoints(doc, images_uri, source=keypoints_uri)
+    if keypoints_uri is None:
+        items, images = _items_from_detector(
+            config, images_uri, num_actors=num_actors, use_gpu=use_gpu
+        )
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "keypoints.json"), "w") as fh:
+            json.dump(
+                [
+                    {"image_id": it.image_id, "category_id": 1, "keypoints": k.reshape(-1).tolist()}
+                    for it in items
+                    for k in it.keypoints
+                ],
+                fh,
+            )
+        with open(os.path.join(out_dir, "images.json"), "w") as fh:
+            json.dump(images, fh)
+    else:
+        try:
+            doc = json.loads(read_bytes(keypoints_uri))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{keypoints_uri}: not valid JSON: {exc}") from None
+        items, images = _items_from_keypoints(doc, images_uri, source=keypoints_uri)
     results, stats = run_batch_inference(
         items, model_ref=model_ref, config=config, num_actors=num_actors, use_gpu=use_gpu
     )
@@ -125,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, help="folder of images, local or s3://")
     parser.add_argument(
         "--keypoints",
-        required=True,
-        help="COCO annotation file or keypoint-results JSON, local or s3://",
+        default=None,
+        help="COCO annotation file or keypoint-results JSON, local or s3:// (default: none, "
+        "the keypoint detector finds the people of every image; detector.* keys)",
     )
     parser.add_argument(
         "--out", default="outputs/predict", help="output folder for results.json and overlays/"

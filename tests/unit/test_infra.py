@@ -30,17 +30,19 @@ RAYJOBS = {
     "train": INFRA / "kuberay" / "rayjob-train.yaml",
     "tune": INFRA / "kuberay" / "rayjob-tune.yaml",
 }
+RAYSERVICE = INFRA / "kuberay" / "rayservice.yaml"
 AWS_CLUSTER = INFRA / "aws" / "cluster.yaml"
 MLFLOW_SERVER = INFRA / "mlflow" / "mlflow-server.yaml"
 POSTGRES = INFRA / "mlflow" / "postgres.yaml"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
-KUBE_FILES = [RAYCLUSTER, *RAYJOBS.values(), MLFLOW_SERVER, POSTGRES, SERVICE_ACCOUNT]
+KUBE_FILES = [RAYCLUSTER, *RAYJOBS.values(), MLFLOW_SERVER, POSTGRES, SERVICE_ACCOUNT, RAYSERVICE]
 EXPECTED_FILES = [
     DOCKERFILE,
     INFRA / "docker" / "README.md",
     RAYCLUSTER,
     SERVICE_ACCOUNT,
     *RAYJOBS.values(),
+    RAYSERVICE,
     AWS_CLUSTER,
     MLFLOW_SERVER,
     POSTGRES,
@@ -122,6 +124,11 @@ def ray_cluster_specs() -> list[tuple[str, dict]]:
                 specs.append(
                     (f"{path.name}:{doc['metadata']['name']}", doc["spec"]["rayClusterSpec"])
                 )
+    for doc in load_docs(RAYSERVICE):
+        if doc.get("kind") == "RayService":
+            specs.append(
+                (f"{RAYSERVICE.name}:{doc['metadata']['name']}", doc["spec"]["rayClusterConfig"])
+            )
     return specs
 
 
@@ -405,7 +412,7 @@ def test_raycluster_and_rayjobs_are_present():
         assert len(job) == 1, f"{path.name} must hold one RayJob"
         spec = job[0]["spec"]
         assert "rayClusterSpec" in spec or "clusterSelector" in spec, f"{path.name}: no cluster"
-    assert len(ray_cluster_specs()) == 3
+    assert len(ray_cluster_specs()) == 4  # the RayCluster, two RayJobs, the RayService
 
 
 @pytest.mark.parametrize("name,spec", ray_cluster_specs(), ids=[n for n, _ in ray_cluster_specs()])
@@ -500,7 +507,7 @@ def test_gpu_group_can_hold_the_cluster_training_run(name, spec):
         )
 
 
-RAY_FILES = [RAYCLUSTER, *RAYJOBS.values()]
+RAY_FILES = [RAYCLUSTER, *RAYJOBS.values(), RAYSERVICE]
 
 
 @pytest.mark.parametrize("path", RAY_FILES, ids=lambda p: p.name)
@@ -763,6 +770,101 @@ def test_rayjob_config_files_exist():
         assert (REPO / config).is_file(), f"{RAYJOBS[step].name}: {config} does not exist"
 
 
+# ----------------------------------------------------------------------------- RayService
+
+
+def rayservice() -> dict:
+    services = [d for d in load_docs(RAYSERVICE) if d.get("kind") == "RayService"]
+    assert len(services) == 1, f"{RAYSERVICE.name} must hold exactly one RayService"
+    return services[0]
+
+
+def serve_applications() -> tuple[dict, list[dict]]:
+    serve_config = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    assert isinstance(serve_config, dict), "serveConfigV2 must be a YAML mapping"
+    apps = serve_config.get("applications")
+    assert isinstance(apps, list) and len(apps) == 1, "serveConfigV2 must define one application"
+    return serve_config, apps
+
+
+def image_path_in_repo(path: str) -> Path:
+    """A path inside the image (WORKDIR /home/ray/pose2seg) -> the same file in this checkout."""
+    workdir = ray_stage()["workdir"]
+    assert path.startswith(workdir + "/"), f"{path} is not under the image's WORKDIR {workdir}"
+    return REPO / path[len(workdir) + 1 :]
+
+
+def test_rayservice_serve_config_passes_serves_schema():
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config, _ = serve_applications()
+    ServeDeploySchema.model_validate(serve_config)
+
+
+def test_rayservice_application_builds_from_the_shipped_config():
+    """The import path resolves, its args load a shipped config, and the app is built offline
+    with the deployment options those keys give (GPU replicas, autoscaling)."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+    import importlib
+
+    from pose2seg.config import load_config
+    from workflows.serve_app import deployment_options
+
+    serve_config, (app,) = serve_applications()
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder)
+    args = dict(app["args"])
+    config_file = image_path_in_repo(args["config"])
+    assert config_file.is_file(), f"{args['config']} is not in the image (configs/ is copied)"
+    assert {"configs"} <= {Path(s).parts[0] for s in ray_stage()["copies"]}
+    config = load_config(str(config_file), args.get("set", []))
+    assert args["model"] == f"models:/{config.registry.model_name}@{config.registry.alias}"
+    # The proxy the application's keys describe is the one the Serve config starts.
+    http = serve_config["http_options"]
+    assert (
+        (config.serve.host, config.serve.port) == (http["host"], http["port"]) == ("0.0.0.0", 8000)
+    )
+    assert config.serve.app_name == app["name"] and config.serve.route_prefix == app["route_prefix"]
+    options = deployment_options(config)
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    assert options["autoscaling_config"]["max_replicas"] >= 2
+
+    built = builder({**args, "config": str(config_file)})
+    assert type(built).__name__ == "Application"
+
+
+def test_rayservice_cluster_fits_the_replicas():
+    _, (app,) = serve_applications()
+    spec = rayservice()["spec"]["rayClusterConfig"]
+    from pose2seg.config import load_config
+
+    config = load_config(str(image_path_in_repo(app["args"]["config"])), app["args"]["set"])
+    ports = {
+        p["containerPort"]
+        for c in spec["headGroupSpec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+    }
+    assert config.serve.port in ports, "the head must expose the Serve HTTP port"
+    groups = gpu_groups(spec)
+    gpus = sum(g["maxReplicas"] * n for g, n in groups)
+    assert gpus >= config.serve.max_replicas, (
+        f"GPU groups reach {gpus} GPUs < serve.max_replicas {config.serve.max_replicas}"
+    )
+    for group, n in groups:
+        cpus = sum(
+            quantity(c["resources"]["limits"]["cpu"])
+            for c in group["template"]["spec"]["containers"]
+        )
+        assert cpus >= config.serve.cpus_per_replica * n, f"{group['groupName']}: too few CPUs"
+    # The minimum replicas must find GPUs without waiting for the autoscaler.
+    floor = sum(g.get("minReplicas", 0) * n for g, n in groups)
+    assert floor >= config.serve.num_replicas, (
+        f"GPU groups keep {floor} GPUs < serve.num_replicas {config.serve.num_replicas}"
+    )
+
+
 # ----------------------------------------------------------------------------- MLflow server
 
 
@@ -833,7 +935,7 @@ def tracking_uris() -> dict[str, str]:
             from pose2seg.config import load_config
 
             uris[f"configs/{name}"] = load_config(str(path)).registry.tracking_uri
-    for path in [RAYCLUSTER, *RAYJOBS.values()]:
+    for path in [RAYCLUSTER, *RAYJOBS.values(), RAYSERVICE]:
         for doc in load_docs(path):
             for where, key, value in walk(doc):
                 if key == "env" and isinstance(value, list):
@@ -844,6 +946,11 @@ def tracking_uris() -> dict[str, str]:
                 env_vars = yaml.safe_load(doc["spec"]["runtimeEnvYAML"]).get("env_vars", {})
                 if "MLFLOW_TRACKING_URI" in env_vars:
                     uris[f"{path.name}:runtimeEnvYAML"] = env_vars["MLFLOW_TRACKING_URI"]
+            if doc["kind"] == "RayService":
+                for app in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+                    env_vars = app.get("runtime_env", {}).get("env_vars", {})
+                    if "MLFLOW_TRACKING_URI" in env_vars:
+                        uris[f"{path.name}:{app['name']}"] = env_vars["MLFLOW_TRACKING_URI"]
     return uris
 
 
