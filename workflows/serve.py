@@ -27,9 +27,9 @@ if __package__ in (None, ""):
 from pose2seg.config import Config  # noqa: E402
 from workflows.cli import (  # noqa: E402
     add_config_args,
+    command,
     config_from_args,
     resolve_model_and_connect,
-    run_main,
 )
 
 
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -330,7 +330,7 @@ def test_root_cause_unwraps_ray_train_and_remote_tracebacks():
         assert cli.root_cause(ours) is ours
 
 
-@pytest.mark.parametrize("script", ["train", "tune", "evaluate", "predict", "preprocess"])
+@pytest.mark.parametrize("script", ["train", "tune", "evaluate", "predict", "preprocess", "serve"])
 def test_every_command_turns_a_bad_config_into_exit_2(script, capsys):
     import importlib
 
