@@ -48,9 +48,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def tree_usage(root: int) -> tuple[float, int, int]:
-    """(CPU seconds incl. reaped children, resident bytes, processes) of ``root``'s tree."""
-    cpu, rss, n = 0, 0, 0
+def _pss_bytes(pid: int) -> int | None:
+    """Proportional set size (shared pages split between their users), or None."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def tree_usage(root: int) -> tuple[float, int, int, int]:
+    """(CPU seconds incl. reaped children, resident bytes, proportional bytes, processes) of
+    ``root``'s tree. Resident bytes count shared pages (Ray's object store, mapped by every
+    worker) once per process; proportional bytes (PSS) split them, so they sum correctly."""
+    cpu, rss, pss, n = 0, 0, 0, 0
     for pid in common._tree_pids(root):
         try:
             with open(f"/proc/{pid}/stat") as fh:
@@ -61,8 +75,10 @@ def tree_usage(root: int) -> tuple[float, int, int]:
         # utime, stime, cutime, cstime; rss in pages.
         cpu += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
         rss += int(f[21]) * _PAGE
+        p = _pss_bytes(pid)
+        pss += p if p is not None else int(f[21]) * _PAGE
         n += 1
-    return cpu / _TICKS, rss, n
+    return cpu / _TICKS, rss, pss, n
 
 
 class Sampler(threading.Thread):
@@ -71,14 +87,15 @@ class Sampler(threading.Thread):
     def __init__(self, root: int, period: float):
         super().__init__(daemon=True)
         self.root, self.period = root, period
-        self.peak_rss, self.peak_procs, self.cpu = 0, 0, 0.0
+        self.peak_rss, self.peak_pss, self.peak_procs, self.cpu = 0, 0, 0, 0.0
         self.stop = threading.Event()
 
     def sample(self) -> float:
-        cpu, rss, n = tree_usage(self.root)
+        cpu, rss, pss, n = tree_usage(self.root)
         # CPU of a tree only grows; a dying process can make one sample dip.
         self.cpu = max(self.cpu, cpu)
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, n)
         return self.cpu
 
@@ -89,9 +106,15 @@ class Sampler(threading.Thread):
 
 def worker_census(ray_tmp: str) -> dict[str, Any]:
     """Ray worker processes started in the session(s) under ``ray_tmp``, and what each ran."""
-    logs = glob.glob(os.path.join(ray_tmp, "**", "python-core-worker-*.log"), recursive=True)
+
+    def files(pattern: str) -> set[str]:
+        # realpath: ``session_latest`` is a link to the session folder, seen twice by glob.
+        found = glob.glob(os.path.join(ray_tmp, "**", "logs", pattern), recursive=True)
+        return {os.path.realpath(p) for p in found}
+
+    logs = files("python-core-worker-*.log")
     kinds: Counter[str] = Counter()
-    for out in glob.glob(os.path.join(ray_tmp, "**", "logs", "worker-*.out"), recursive=True):
+    for out in sorted(files("worker-*.out")):
         names: set[str] = set()
         try:
             with open(out, errors="replace") as fh:
@@ -229,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "ray_workers_by_task_or_actor": census["by_task_or_actor"],
         "worker_pool_warnings": len(warnings),
         "worker_pool_warning_lines": warnings[:5],
-        "peak_rss_tree_bytes": sampler.peak_rss,
-        "peak_rss_tree_gib": round(sampler.peak_rss / 2**30, 2),
+        "peak_pss_tree_bytes": sampler.peak_pss,
+        "peak_pss_tree_gib": round(sampler.peak_pss / 2**30, 2),
+        "peak_rss_sum_tree_gib": round(sampler.peak_rss / 2**30, 2),
         "peak_processes_in_tree": sampler.peak_procs,
         "marks": [{"mark": n, "t_s": round(w, 2), "cpu_s": round(c, 2)} for n, w, c in marks],
         "load_average_end": common.load_average(),
@@ -239,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nwall {wall:.0f} s, CPU {sampler.cpu:.0f} s, Ray worker processes "
         f"{census['python_worker_processes']}, worker-pool warnings {len(warnings)}, "
-        f"peak RSS of the tree {sampler.peak_rss / 2**30:.2f} GiB",
+        f"peak memory of the tree {sampler.peak_pss / 2**30:.2f} GiB (PSS; RSS summed "
+        f"{sampler.peak_rss / 2**30:.2f} GiB)",
         flush=True,
     )
     print("wrote", common.write_json(args.out, result, machine=machine))
