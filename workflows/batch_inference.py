@@ -137,24 +137,15 @@ class PredictorActor:
         import ray
         import torch
 
-        from pose2seg.checkpoint import load_checkpoint
         from pose2seg.inference import Predictor
-        from pose2seg.model import build_model
 
         torch.set_num_threads(max(1, num_threads))
         self.margin_fraction = float(margin_fraction)
         # The files travel once through the object store (wrapped in a list so Ray hands the
         # reference over instead of inlining megabytes of weights into the actor's arguments).
-        loaded = load_checkpoint(unpack_dir(ray.get(checkpoint_ref[0])))
-        model = build_model(loaded.config.model)
-        model.load_state_dict(loaded.model_state)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor(
-            model,
-            loaded.templates,
-            loaded.config.model,
-            device=device,
-            input_size=loaded.config.data.input_size,
+        self.predictor = Predictor.from_checkpoint(
+            unpack_dir(ray.get(checkpoint_ref[0])), device=device
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -94,22 +94,11 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pose2seg.checkpoint import load_checkpoint
         from pose2seg.inference import Predictor
-        from pose2seg.model import build_model
 
-        loaded = load_checkpoint(context.artifacts["checkpoint"])
-        model = build_model(loaded.config.model)
-        model.load_state_dict(loaded.model_state)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.config = loaded.config
-        self.predictor = Predictor(
-            model,
-            loaded.templates,
-            loaded.config.model,
-            device=device,
-            input_size=loaded.config.data.input_size,
-        )
+        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device=device)
+        self.config = self.predictor.training_config
 
     def predict(self, context, model_input, params=None):
         from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException

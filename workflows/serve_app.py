@@ -208,9 +208,7 @@ class Pose2SegServer:
     def __init__(self, model_ref: str, config_flat: dict[str, Any], tracking_uri: str | None):
         import torch
 
-        from pose2seg.checkpoint import load_checkpoint
         from pose2seg.inference import Predictor
-        from pose2seg.model import build_model
 
         self.config = Config.from_flat(config_flat)
         s = self.config.serve
@@ -218,17 +216,8 @@ class Pose2SegServer:
         self.device = "cuda" if s.use_gpu and torch.cuda.is_available() else "cpu"
         self._work = tempfile.TemporaryDirectory(prefix="pose2seg-serve-")
         checkpoint_dir, self.model_version = resolve_model(model_ref, tracking_uri, self._work.name)
-        loaded = load_checkpoint(checkpoint_dir)
-        model = build_model(loaded.config.model)
-        model.load_state_dict(loaded.model_state)
         self.model_ref = model_ref
-        self.predictor = Predictor(
-            model,
-            loaded.templates,
-            loaded.config.model,
-            device=self.device,
-            input_size=loaded.config.data.input_size,
-        )
+        self.predictor = Predictor.from_checkpoint(checkpoint_dir, device=self.device)
         self.detector = None
         self.segment.set_max_batch_size(s.max_batch_size)
         self.segment.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
