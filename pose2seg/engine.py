@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -20,9 +19,7 @@ from pose2seg.loss import check_finite, mask_loss
 __all__ = [
     "build_lr_schedule",
     "build_optimizer",
-    "evaluate_batches",
     "lr_factor",
-    "predict_batch_logits",
     "train_step",
 ]
 
@@ -114,53 +111,6 @@ def optimise(
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
         optimizer.step()
     return grad_norm
-
-
-def predict_batch_logits(model: nn.Module, batch: PersonBatch) -> torch.Tensor:
-    """Logits (P,S,S) of ``batch`` in eval mode under ``no_grad``; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _forward(model, batch)
-    finally:
-        model.train(was_training)
-
-
-def evaluate_batches(
-    model: nn.Module, batches: Iterable[PersonBatch], *, threshold: float = 0.5
-) -> dict[str, float | int]:
-    """Mean loss and aligned-frame mask IoU over batches with targets (eval mode, no_grad).
-
-    Returns:
-        ``{"loss": mean per-pixel BCE, "mask_iou": mean per-person IoU, "num_people": P total}``;
-        loss and IoU are 0.0 when there was nobody.
-    """
-    device = next(model.parameters()).device
-    total_loss = total_iou = 0.0
-    pixels = people = 0
-    for batch in batches:
-        if batch.targets is None:
-            raise ValueError("evaluate_batches: a batch has no targets")
-        batch = batch.to(device)
-        logits = predict_batch_logits(model, batch).float()
-        if batch.num_people == 0:
-            continue
-        total_loss += float(mask_loss(logits, batch.targets)) * logits.numel()
-        pixels += logits.numel()
-        predicted = logits > math.log(threshold / (1.0 - threshold))
-        truth = batch.targets > 0.5
-        inter = (predicted & truth).flatten(1).sum(1).float()
-        union = (predicted | truth).flatten(1).sum(1).float()
-        # Both empty counts as a perfect match.
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-        total_iou += float(iou.sum())
-        people += batch.num_people
-    return {
-        "loss": total_loss / pixels if pixels else 0.0,
-        "mask_iou": total_iou / people if people else 0.0,
-        "num_people": people,
-    }
 
 
 def build_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:

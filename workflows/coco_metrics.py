@@ -12,8 +12,6 @@ import copy
 import io
 from typing import Any
 
-import numpy as np
-
 METRIC_NAMES = (
     "segm_ap",
     "segm_ap50",
@@ -118,11 +116,3 @@ def occluded_subset_ap(
     """Segm AP on the people whose MaxIoU is at least ``min_iou`` (the "occluded" subset)."""
     rows = occlusion_breakdown(gt, results, bins=[min_iou, 1.0])
     return {"occluded_segm_ap": rows[0]["segm_ap"], "occluded_num_people": rows[0]["num_people"]}
-
-
-def mean_mask_iou(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean IoU of (P, S, S) boolean masks; 1.0 for two empty masks."""
-    inter = np.logical_and(pred, target).reshape(len(pred), -1).sum(1)
-    union = np.logical_or(pred, target).reshape(len(pred), -1).sum(1)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    return float(iou.mean()) if len(iou) else float("nan")

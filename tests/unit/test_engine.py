@@ -14,12 +14,11 @@ from pose2seg.config import ModelConfig, TrainConfig
 from pose2seg.engine import (
     build_lr_schedule,
     build_optimizer,
-    evaluate_batches,
     lr_factor,
-    predict_batch_logits,
     train_step,
 )
 from pose2seg.model import Pose2Seg
+from tests.helpers import evaluate_batches, predict_batch_logits
 
 torch.set_num_threads(2)
 

@@ -14,11 +14,12 @@ import torch
 
 from pose2seg.batch import PersonBatch, normalise_images
 from pose2seg.config import ModelConfig, TrainConfig
-from pose2seg.engine import build_optimizer, evaluate_batches, train_step
+from pose2seg.engine import build_optimizer, train_step
 from pose2seg.model import Pose2Seg
 from pose2seg.ops import align_features, render_skeleton_features, transform_keypoints
 from pose2seg.skeleton import LIMBS
 from pose2seg.templates import assign_templates
+from tests.helpers import evaluate_batches
 
 torch.set_num_threads(2)
 
