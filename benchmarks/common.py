@@ -377,15 +377,9 @@ def read_rows(config, split: str, limit: int | None = None) -> list[dict[str, An
 
 def load_templates(config):
     """The (T, K, 2) pose templates of the config's preprocessed variant."""
-    import io
+    from preprocessing.pipeline import load_templates as stored_templates
 
-    import numpy as np
-
-    from preprocessing.pipeline import variant_dir
-    from preprocessing.storage import join, read_bytes
-
-    data = read_bytes(join(variant_dir(config), "templates.npy"))
-    return np.load(io.BytesIO(data)).astype(np.float32)
+    return stored_templates(config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from pose2seg.checkpoint import TEMPLATES_FILE
 from pose2seg.config import Config
 from pose2seg.input_frame import input_frame_keypoints, resize_to_input_frame
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
@@ -61,7 +62,6 @@ from preprocessing.storage import (
 )
 
 SPLITS: tuple[str, ...] = ("train", "val")
-TEMPLATES_FILE = "templates.npy"
 META_FILE = "meta.json"
 REJECTS_DIR = "rejects"
 TEMPLATE_SEED = 0
@@ -507,12 +507,19 @@ def _train_keypoints(annotations_uri: str, train_reader: Any) -> np.ndarray:
     return np.stack(people).astype(np.float64)
 
 
+def load_templates(config: Config) -> np.ndarray:
+    """The (T, K, 2) float32 pose templates stored with the config's preprocessed variant."""
+    return np.load(io.BytesIO(read_bytes(join(variant_dir(config), TEMPLATES_FILE)))).astype(
+        np.float32
+    )
+
+
 def ensure_templates(config: Config, train_reader: Any, *, force: bool = False) -> np.ndarray:
     """Fit the pose templates on the keypoints of ``train_reader`` (the parsed train split)
     once (``templates.npy``)."""
     uri = join(variant_dir(config), TEMPLATES_FILE)
     if not force and exists(uri):
-        return np.load(io.BytesIO(read_bytes(uri)))
+        return load_templates(config)
     annotations_uri, _ = raw_paths(config, "train")
     keypoints = _train_keypoints(annotations_uri, train_reader)
     templates = _build_templates(config, keypoints)

@@ -12,6 +12,10 @@ import copy
 import io
 from typing import Any
 
+# The metric that picks the best checkpoint, ranks Tune trials and decides whether the registry's
+# alias moves (also the version tag that stores it): segm AP on the val split.
+VAL_METRIC = "val_segm_ap"
+
 METRIC_NAMES = (
     "segm_ap",
     "segm_ap50",

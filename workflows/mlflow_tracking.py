@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pose2seg.config import Config
+from workflows.coco_metrics import VAL_METRIC
 
 RUN_NAME_TAG = "pose2seg.run_name"
 """The Ray Train run / Tune experiment name a run belongs to: how a resume finds its run."""
@@ -25,7 +26,6 @@ DRIVER_TAG = "pose2seg.driver"
 """``host:pid`` of the driver that holds a RUNNING run (to end runs whose driver died)."""
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-AP_TAG = "val_segm_ap"
 
 # Never logged: anything that looks like a credential (a user may pass one through --set by
 # mistake, and the environment holds them on a cluster).
@@ -297,7 +297,9 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
         with tempfile.TemporaryDirectory() as tmp:
             import numpy as np
 
-            path = os.path.join(tmp, "templates.npy")
+            from pose2seg.checkpoint import TEMPLATES_FILE
+
+            path = os.path.join(tmp, TEMPLATES_FILE)
             np.save(path, loaded.templates)
             mlflow.log_artifact(path, artifact_path="templates")
     shutil.rmtree(serving, ignore_errors=True)
@@ -341,13 +343,13 @@ def register_if_better(
     client = client_for(handle.tracking_uri)
     name, alias = config.registry.model_name, config.registry.alias
     mv = mlflow.register_model(
-        model_uri, name, tags={AP_TAG: f"{val_ap:.6f}", "run_id": handle.run_id}
+        model_uri, name, tags={VAL_METRIC: f"{val_ap:.6f}", "run_id": handle.run_id}
     )
     previous_version, previous_ap = None, None
     try:
         holder = client.get_model_version_by_alias(name, alias)
         previous_version = str(holder.version)
-        previous_ap = float(holder.tags.get(AP_TAG, "nan"))
+        previous_ap = float(holder.tags.get(VAL_METRIC, "nan"))
     except MlflowException:
         holder = None
     better = holder is None or not math.isfinite(previous_ap) or val_ap > previous_ap

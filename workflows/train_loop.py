@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
-
-VAL_METRIC = "val_segm_ap"
-
+from workflows.coco_metrics import VAL_METRIC
 
 # --------------------------------------------------------------------------------------------
 # Worker side
@@ -639,12 +637,16 @@ class PreparedData:
 
 def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
     """Generate (synthetic) and preprocess the dataset if needed; open both Parquet splits."""
-    from preprocessing.pipeline import load_split, preprocess_dataset
-    from preprocessing.storage import join, read_bytes
+    from preprocessing.epoch_reader import list_parquet, whole_split_dataset
+    from preprocessing.pipeline import (
+        READ_CPUS,
+        load_split,
+        load_templates,
+        preprocess_dataset,
+        processed_dir,
+    )
 
     summary = preprocess_dataset(config, force=force)
-    from preprocessing.epoch_reader import list_parquet, whole_split_dataset
-    from preprocessing.pipeline import READ_CPUS, processed_dir
 
     train = load_split(config, "train")
     # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
@@ -659,13 +661,7 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
         concurrency=2,
         runtime_env=_runtime_env(),
     ).materialize()
-    import io
-
-    templates = np.load(
-        io.BytesIO(
-            read_bytes(join(config.data.processed, config.preprocess_key(), "templates.npy"))
-        )
-    )
+    templates = load_templates(config)
     return PreparedData(
         train=train,
         val=val,

@@ -28,8 +28,7 @@ if __package__ in (None, ""):
 
 from pose2seg.config import PREPROCESS_KEYS, PREPROCESS_KEYS_IF_SET, Config  # noqa: E402
 from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
-
-METRIC = "val_segm_ap"
+from workflows.coco_metrics import VAL_METRIC  # noqa: E402
 
 
 def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
@@ -223,7 +222,7 @@ def run_tune(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=METRIC,
+                metric=VAL_METRIC,
                 mode="max",
                 scheduler=scheduler,
                 num_samples=config.tune.num_samples,
@@ -244,10 +243,12 @@ def run_tune(
         overrides = trial_overrides(config, params)
         cfg = config.with_overrides(overrides)
         df = result.metrics_dataframe
-        best_ap = float(df[METRIC].max()) if df is not None and METRIC in df else float("nan")
+        best_ap = (
+            float(df[VAL_METRIC].max()) if df is not None and VAL_METRIC in df else float("nan")
+        )
         best_idx = (
-            int(df[METRIC].idxmax())
-            if df is not None and METRIC in df and df[METRIC].notna().any()
+            int(df[VAL_METRIC].idxmax())
+            if df is not None and VAL_METRIC in df and df[VAL_METRIC].notna().any()
             else None
         )
         row = {
@@ -256,7 +257,7 @@ def run_tune(
             **({"variant": params.get(TRIAL_PARAM)} if config.tune.trials else {}),
             "status": "ERROR" if result.error else "OK",
             "epochs": int(df["epoch"].max()) if df is not None and "epoch" in df else 0,
-            "val_segm_ap": best_ap,
+            VAL_METRIC: best_ap,
             "val_occluded_segm_ap": float(df.loc[best_idx, "val_occluded_segm_ap"])
             if best_idx is not None
             else float("nan"),
@@ -276,8 +277,8 @@ def run_tune(
     write_ablation_report(rows, report_keys, report_dir)
     for fname in os.listdir(report_dir):
         tracking.log_artifact_file(parent, os.path.join(report_dir, fname), "ablation")
-    ok = [r for r in rows if r["status"] == "OK" and r["val_segm_ap"] == r["val_segm_ap"]]
-    best = max(ok, key=lambda r: r["val_segm_ap"]) if ok else None
+    ok = [r for r in rows if r["status"] == "OK" and r[VAL_METRIC] == r[VAL_METRIC]]
+    best = max(ok, key=lambda r: r[VAL_METRIC]) if ok else None
     outcome = TuneOutcome(
         experiment_path=experiment_path,
         parent_run_id=parent.run_id,
@@ -287,7 +288,7 @@ def run_tune(
         errors=errors,
     )
     if best is not None:
-        tracking.log_metrics(parent, {"best_val_segm_ap": best["val_segm_ap"]}, step=0)
+        tracking.log_metrics(parent, {"best_val_segm_ap": best[VAL_METRIC]}, step=0)
         outcome.model_uri, outcome.registration = _log_best(
             config, parent, best, storage_fs, register
         )
@@ -308,7 +309,7 @@ def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register
     registration = None
     if config.registry.register if register is None else register:
         registration = tracking.register_if_better(
-            config, parent, model_uri, val_ap=best["val_segm_ap"]
+            config, parent, model_uri, val_ap=best[VAL_METRIC]
         )
     return model_uri, registration
 
@@ -364,7 +365,7 @@ def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: 
         *keys,
         "status",
         "epochs",
-        "val_segm_ap",
+        VAL_METRIC,
         "val_occluded_segm_ap",
         "train_seconds",
         "parameters",
@@ -381,7 +382,7 @@ def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: 
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in sorted(
-        rows, key=lambda r: -(r["val_segm_ap"] if r["val_segm_ap"] == r["val_segm_ap"] else -1)
+        rows, key=lambda r: -(r[VAL_METRIC] if r[VAL_METRIC] == r[VAL_METRIC] else -1)
     ):
         lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
     # Per option: the mean AP of the trials that used each value (the paper's ablation view).
@@ -392,7 +393,7 @@ def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: 
     for key in keys:
         for value in sorted({json.dumps(r.get(key)) for r in rows}):
             sel = [r for r in rows if json.dumps(r.get(key)) == value and r["status"] == "OK"]
-            aps = [r["val_segm_ap"] for r in sel if r["val_segm_ap"] == r["val_segm_ap"]]
+            aps = [r[VAL_METRIC] for r in sel if r[VAL_METRIC] == r[VAL_METRIC]]
             occ = [
                 r["val_occluded_segm_ap"]
                 for r in sel
