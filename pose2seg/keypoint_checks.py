@@ -13,13 +13,18 @@ extrapolating a little) are kept.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from pose2seg.skeleton import NUM_KEYPOINTS
 
 __all__ = [
     "DEFAULT_KEYPOINT_MARGIN_FRACTION",
     "REASON_OUTSIDE_IMAGE",
     "describe_outside_keypoints",
     "keypoints_outside_image",
+    "people_keypoints",
 ]
 
 DEFAULT_KEYPOINT_MARGIN_FRACTION: float = 0.25
@@ -77,3 +82,38 @@ def describe_outside_keypoints(
         f"{len(bad)} labelled keypoint(s) more than {margin_fraction:g} x {max(height, width)} px "
         f"outside the {width}x{height} (WxH) image, e.g. keypoint {k} at ({x:g}, {y:g})"
     )
+
+
+def people_keypoints(people: Any) -> np.ndarray:
+    """A request's people (a list, each ``3K`` numbers or ``K x [x, y, v]``, COCO order) as
+    ``(N, K, 3)`` float32: what every online entry point (the pyfunc, the Serve app) accepts.
+
+    Raises:
+        ValueError: the reason in one line (the caller says where: image id, field).
+    """
+    values = NUM_KEYPOINTS * 3
+    if not isinstance(people, list | tuple | np.ndarray):
+        raise ValueError(
+            f"expected a list of people ({values} numbers or {NUM_KEYPOINTS} x 3 each), "
+            f"got {type(people).__name__}"
+        )
+    if len(people) == 0:
+        return np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
+    try:
+        arr = np.asarray(people, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"every person must be {values} numbers or {NUM_KEYPOINTS} x [x, y, v] numbers"
+        ) from None
+    if arr.ndim == 2 and arr.shape[1] == values:
+        arr = arr.reshape(-1, NUM_KEYPOINTS, 3)
+    if arr.ndim != 3 or arr.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(
+            f"expected N x {values} or N x {NUM_KEYPOINTS} x 3 numbers (COCO order), "
+            f"got shape {list(arr.shape)}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError("every number must be finite")
+    if (arr[..., 2] < 0).any():
+        raise ValueError("visibility (every third number) must be >= 0 (0 = unlabelled)")
+    return arr

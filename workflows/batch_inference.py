@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.skeleton import NUM_KEYPOINTS
 from workflows.cli import UserError
 
 REJECTS_FILE = "rejects.json"
@@ -170,7 +171,7 @@ class PredictorActor:
                 rejects.append(image_reject(image_id, uri, "image_unreadable", detail))
             if pixels is not None:
                 keypoints = np.asarray(json.loads(str(kpts_json)), dtype=np.float32)
-                keypoints = keypoints.reshape(-1, 17, 3)
+                keypoints = keypoints.reshape(-1, NUM_KEYPOINTS, 3)
                 keep = []
                 for index, person in enumerate(keypoints):
                     why = describe_outside_keypoints(

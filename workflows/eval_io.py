@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.skeleton import NUM_KEYPOINTS
 
 
 class KeypointResultsError(ValueError):
@@ -52,9 +53,9 @@ def split_paths(config: Config, split: str) -> tuple[str, str]:
 def has_keypoints(ann: dict[str, Any]) -> bool:
     """An annotation with at least one labelled keypoint (v > 0)."""
     kp = ann.get("keypoints")
-    if not kp or len(kp) != 51:
+    if not kp or len(kp) != 3 * NUM_KEYPOINTS:
         return False
-    return bool((np.asarray(kp, np.float32).reshape(17, 3)[:, 2] > 0).any())
+    return bool((np.asarray(kp, np.float32).reshape(NUM_KEYPOINTS, 3)[:, 2] > 0).any())
 
 
 def protocol_gt(gt: dict[str, Any], protocol: str) -> dict[str, Any]:
@@ -101,9 +102,11 @@ def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
             continue
         if int(ann["image_id"]) in out:
             out[int(ann["image_id"])].append(
-                np.asarray(ann["keypoints"], np.float32).reshape(17, 3)
+                np.asarray(ann["keypoints"], np.float32).reshape(NUM_KEYPOINTS, 3)
             )
-    return {k: np.stack(v) if v else np.zeros((0, 17, 3), np.float32) for k, v in out.items()}
+    return {
+        k: np.stack(v) if v else np.zeros((0, NUM_KEYPOINTS, 3), np.float32) for k, v in out.items()
+    }
 
 
 def results_keypoints(
@@ -129,13 +132,15 @@ def results_keypoints(
             arr = np.asarray(kp, np.float32)
         except (TypeError, ValueError):
             arr = np.zeros(0)
-        if arr.shape != (51,) or not np.isfinite(arr).all():
+        if arr.shape != (3 * NUM_KEYPOINTS,) or not np.isfinite(arr).all():
             raise KeypointResultsError(
-                f"{source}: entry {i} (image_id {image_id}) has malformed keypoints: expected 51 finite numbers"
+                f"{source}: entry {i} (image_id {image_id}) has malformed keypoints: expected {3 * NUM_KEYPOINTS} finite numbers"
             )
         if float(res.get("score", 1.0)) >= min_score:
-            out[image_id].append(arr.reshape(17, 3))
-    return {k: np.stack(v) if v else np.zeros((0, 17, 3), np.float32) for k, v in out.items()}
+            out[image_id].append(arr.reshape(NUM_KEYPOINTS, 3))
+    return {
+        k: np.stack(v) if v else np.zeros((0, NUM_KEYPOINTS, 3), np.float32) for k, v in out.items()
+    }
 
 
 def with_max_iou(gt: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +239,7 @@ def write_overlays(
         ]
         mask_arr = np.stack(masks) if masks else np.zeros((0, *pixels.shape[:2]), bool)
         drawn = draw_instances(
-            pixels, mask_arr, kps.get(image_id, np.zeros((0, 17, 3), np.float32))
+            pixels, mask_arr, kps.get(image_id, np.zeros((0, NUM_KEYPOINTS, 3), np.float32))
         )
         path = os.path.join(out_dir, "overlays", f"{image_id}.png")
         Image.fromarray(drawn).save(path)

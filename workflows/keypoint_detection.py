@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.skeleton import NUM_KEYPOINTS
 
 TORCHVISION_WEIGHTS = "torchvision"
 
@@ -124,6 +125,8 @@ def run_keypoint_detection(
         batch_format="numpy",
     ).take_all()
     return {
-        int(r["image_id"]): np.asarray(json.loads(r["keypoints"]), np.float32).reshape(-1, 17, 3)
+        int(r["image_id"]): np.asarray(json.loads(r["keypoints"]), np.float32).reshape(
+            -1, NUM_KEYPOINTS, 3
+        )
         for r in rows
     }

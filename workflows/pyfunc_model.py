@@ -60,22 +60,16 @@ def pyfunc_signature():
 
 def parse_keypoints(text: str, *, image_id: int) -> np.ndarray:
     """JSON people list -> (N, 17, 3) float32; raises ValueError naming the image id."""
+    from pose2seg.keypoint_checks import people_keypoints
+
     try:
         people = json.loads(text) if isinstance(text, str) else text
-        arr = np.asarray(people, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"image_id {image_id}: keypoints are not a JSON list of numbers: {exc}"
-        ) from None
-    if arr.size == 0:
-        return np.zeros((0, 17, 3), np.float32)
-    if arr.ndim == 2 and arr.shape[1] == 51:
-        arr = arr.reshape(-1, 17, 3)
-    if arr.ndim != 3 or arr.shape[1:] != (17, 3):
-        raise ValueError(
-            f"image_id {image_id}: keypoints must be N x 51 or N x 17 x 3 (COCO order), got shape {arr.shape}"
-        )
-    return arr
+    except ValueError as exc:
+        raise ValueError(f"image_id {image_id}: keypoints are not JSON: {exc}") from None
+    try:
+        return people_keypoints(people)
+    except ValueError as exc:
+        raise ValueError(f"image_id {image_id}: keypoints: {exc}") from None
 
 
 def decode_image(data: bytes, *, image_id: int) -> np.ndarray:

@@ -48,11 +48,11 @@ import numpy as np
 from ray import serve
 
 from pose2seg.config import Config
+from pose2seg.skeleton import NUM_KEYPOINTS
 
 logger = logging.getLogger("ray.serve")
 
 REQUEST_FIELDS = ("image", "image_uri", "keypoints", "image_id", "overlay")
-NUM_KEYPOINTS = 17
 
 
 class RequestError(ValueError):
@@ -86,31 +86,12 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
 
 def parse_keypoints(value: Any) -> np.ndarray:
     """JSON people list -> (N, 17, 3) float32; raises RequestError with the reason."""
-    if not isinstance(value, list):
-        raise RequestError(
-            f"keypoints: expected a list of people (51 numbers or 17 x 3 each), got {type(value).__name__}"
-        )
-    if not value:
-        return np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
+    from pose2seg.keypoint_checks import people_keypoints
+
     try:
-        arr = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise RequestError(
-            "keypoints: every person must be 51 numbers or 17 x [x, y, v] numbers"
-        ) from None
-    if arr.ndim == 2 and arr.shape[1] == NUM_KEYPOINTS * 3:
-        arr = arr.reshape(-1, NUM_KEYPOINTS, 3)
-    if arr.ndim != 3 or arr.shape[1:] != (NUM_KEYPOINTS, 3):
-        raise RequestError(
-            f"keypoints: expected N x 51 or N x 17 x 3 numbers (COCO order), got shape {list(arr.shape)}"
-        )
-    if not np.isfinite(arr).all():
-        raise RequestError("keypoints: every number must be finite")
-    if (arr[..., 2] < 0).any():
-        raise RequestError(
-            "keypoints: visibility (every third number) must be >= 0 (0 = unlabelled)"
-        )
-    return arr
+        return people_keypoints(value)
+    except ValueError as exc:
+        raise RequestError(f"keypoints: {exc}") from None
 
 
 def parse_request(body: Any, *, read_uri=None) -> SegmentRequest:
@@ -276,7 +257,8 @@ class Pose2SegServer:
         sources = ["request" if it.keypoints is not None else "detector" for it in items]
         missing = [i for i, it in enumerate(items) if it.keypoints is None]
         keypoints: list[np.ndarray] = [
-            it.keypoints if it.keypoints is not None else np.zeros((0, 17, 3)) for it in items
+            it.keypoints if it.keypoints is not None else np.zeros((0, NUM_KEYPOINTS, 3))
+            for it in items
         ]
         if missing:
             found = self._detector().detect_batch([items[i].pixels for i in missing])
