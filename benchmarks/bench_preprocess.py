@@ -107,12 +107,11 @@ def bench_pure(config: Config, annotations_path: str, *, repeats: int) -> dict[s
 
 def bench_ray(config: Config, *, num_cpus: int) -> dict[str, float]:
     import ray
-    from ray.data import DataContext
 
     from preprocessing.pipeline import preprocess_dataset
+    from workflows.cli import init_ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
+    init_ray(num_cpus=num_cpus, dashboard=False, log_to_driver=False, progress_bars=False)
     try:
         preprocess_dataset(config, splits=("train",), force=True)  # warm-up: workers, imports
         start = time.perf_counter()

@@ -327,16 +327,15 @@ def rate(count: float, seconds: float) -> float:
 def start_ray(num_cpus: int) -> None:
     """A private local Ray instance with ``num_cpus`` CPUs, no dashboard, quiet progress bars."""
     ray_env()
-    import ray
-    from ray.data import DataContext
+    from workflows.cli import init_ray
 
-    ray.init(
+    init_ray(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        dashboard=False,
         log_to_driver=False,
+        progress_bars=False,
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
-    DataContext.get_current().enable_progress_bars = False
 
 
 def ensure_preprocessed(config) -> None:

@@ -49,16 +49,15 @@ def coco_sample_dir() -> Path:
 def ray_session():
     """One real local Ray instance for the whole test session (2 CPUs, no dashboard)."""
     import ray
-    from ray.data import DataContext
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-        )
-    DataContext.get_current().enable_progress_bars = False
+    from workflows.cli import init_ray
+
+    init_ray(
+        num_cpus=2,
+        dashboard=False,
+        progress_bars=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
     yield ray
     ray.shutdown()
 

@@ -53,25 +53,42 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (``--address`` / ``$RAY_ADDRESS``) or start a local instance."""
-    import ray
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    log_to_driver: bool = True,
+    progress_bars: bool = True,
+    runtime_env: dict | None = None,
+) -> None:
+    """The one way to start Ray (commands, benchmarks, test fixtures): connect to a cluster
+    (``--address`` / ``$RAY_ADDRESS``) or start a local instance; does nothing when Ray is up.
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Inside `ray job submit` RAY_ADDRESS is set; resources come from the cluster.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # The dashboard (ray[default]) also serves the State API that Ray Train's controller
-        # polls; without it Train prints "Failed to query Ray Train Controller actor state".
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+    ``num_cpus``, ``dashboard`` and ``runtime_env`` apply to a new local instance only (benchmarks
+    and tests start a private one without the dashboard); ``progress_bars=False`` silences
+    Ray Data's progress bars."""
+    import ray
     from ray.data import DataContext
 
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            # Inside `ray job submit` RAY_ADDRESS is set; resources come from the cluster.
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            # The dashboard (ray[default]) also serves the State API that Ray Train's controller
+            # polls; without it Train prints "Failed to query Ray Train Controller actor state".
+            extra = {} if dashboard else {"include_dashboard": False}
+            ray.init(
+                num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **extra
+            )
+    context = DataContext.get_current()
     # A failing Ray Data UDF then raises the user's exception (inside RayTaskError, whose
     # ``cause`` keeps it) instead of a bare "UDF failed to process a data block".
-    DataContext.get_current().raise_original_map_exception = True
+    context.raise_original_map_exception = True
+    if not progress_bars:
+        context.enable_progress_bars = False
 
 
 class UserError(Exception):

@@ -139,17 +139,16 @@ def _run_pipeline(spec: dict) -> dict:
     workers (unlike the preprocessing tasks) get no forwarded environment.
     """
     import ray
-    from ray.data import DataContext
 
     from pose2seg.config import Config
     from preprocessing.synthetic import ensure_synthetic_dataset
+    from workflows.cli import init_ray
     from workflows.evaluate import run_evaluate
     from workflows.preprocess import run_preprocess
     from workflows.train_loop import run_training
 
     config = Config.from_flat(spec["config"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    DataContext.get_current().enable_progress_bars = False
+    init_ray(num_cpus=2, dashboard=False, progress_bars=False)
     timings = {}
     t0 = time.time()
     ensure_synthetic_dataset(config)
