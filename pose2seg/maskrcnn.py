@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from pose2seg.backbone import ResNetFPN, load_backbone_state_dict
+from pose2seg.config import ModelConfig
 from pose2seg.engine import optimise
 from pose2seg.inference import PERSON_CATEGORY_ID, encode_rle
 
@@ -338,3 +340,65 @@ def detection_predict_results(
                 }
             )
     return results
+
+
+def build_maskrcnn(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
+    """The baseline network: torchvision's Mask R-CNN on a ResNet-FPN of the config's depth and
+    FPN width, two classes (background, person); ``input_size`` fixes its internal resize."""
+    import torchvision
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    # torchvision's resnet_fpn_backbone, with the FPN width of the config instead of a fixed
+    # 256: both archs then share backbone depth and FPN width (model.fpn_channels = 256 gives
+    # torchvision's standard Mask R-CNN). From scratch: trainable BatchNorm everywhere
+    # (torchvision freezes it only for pretrained weights), all layers trainable, no download.
+    norm_layer = torchvision.ops.FrozenBatchNorm2d if config.freeze_backbone_bn else nn.BatchNorm2d
+    resnet = getattr(torchvision.models, f"resnet{config.backbone_depth}")(
+        weights=None, norm_layer=norm_layer
+    )
+    stage2 = resnet.inplanes // 8  # 64 (basic blocks) or 256 (bottlenecks)
+    channels = config.fpn_channels
+    backbone = BackboneWithFPN(
+        resnet,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[stage2, stage2 * 2, stage2 * 4, stage2 * 8],
+        out_channels=channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    if config.pretrained_source:
+        load_maskrcnn_backbone(backbone, config.pretrained_source, depth=config.backbone_depth)
+    # The mask head is as wide as the FPN, as torchvision's (256 = 256).
+    mask_head = MaskRCNNHeads(channels, (channels,) * 4, 1)
+    mask_predictor = MaskRCNNPredictor(channels, channels, 2)
+    # torchvision's Kaiming init of the 1x1 logit conv (fan_out = 1, so std sqrt(2)) makes
+    # from-scratch logits large: at 256 channels the mask BCE started near 7 and diverged in
+    # our runs. Detectron2's init of this layer starts it at log 2.
+    nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)
+    sizes = {} if input_size is None else {"min_size": input_size, "max_size": input_size}
+    # Two classes (background, person); the box predictor is torchvision's default for them.
+    return MaskRCNN(
+        backbone,
+        num_classes=None,
+        box_predictor=FastRCNNPredictor(1024, 2),
+        mask_head=mask_head,
+        mask_predictor=mask_predictor,
+        **sizes,
+    )
+
+
+def load_maskrcnn_backbone(backbone: nn.Module, path: str, *, depth: int) -> None:
+    # Reuse the checks of the Pose2Seg backbone, then copy the (identically named) ResNet weights.
+    resnet = ResNetFPN(depth=depth, fpn_channels=8)
+    load_backbone_state_dict(resnet, path)
+    names = set(resnet.resnet_parameters_names())
+    state = {
+        k: v
+        for k, v in resnet.state_dict().items()
+        if k in names and not k.endswith("num_batches_tracked")
+    }
+    backbone.body.load_state_dict(state, strict=False)

@@ -1,7 +1,7 @@
 """The Pose2Seg network: ResNet-FPN features, Affine-Align, skeleton features, SegModule.
 
-Also the constructor of the torchvision Mask R-CNN baseline (``model.arch = "maskrcnn"``); its
-training and evaluation are wired elsewhere.
+``build_model`` builds the network of ``model.arch``; the Mask R-CNN baseline's own parts live
+in :mod:`pose2seg.maskrcnn`, and :mod:`pose2seg.arch` is where each architecture's parts meet.
 """
 
 from __future__ import annotations
@@ -216,78 +216,17 @@ class Pose2Seg(nn.Module):
 
 
 def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
-    """The network of ``model.arch``: :class:`Pose2Seg`, or the torchvision Mask R-CNN baseline.
+    """The network of ``model.arch`` (:func:`pose2seg.arch.architecture`): :class:`Pose2Seg`,
+    or the torchvision Mask R-CNN baseline.
 
     Args:
         config: the model section.
         input_size: Mask R-CNN only: its internal resize (min and max side) is set to this so it
             sees images at the same resolution as Pose2Seg; None keeps torchvision's 800/1333.
     """
-    if config.arch == "pose2seg":
-        return Pose2Seg(config=config)
-    if config.arch == "maskrcnn":
-        return _build_maskrcnn(config, input_size=input_size)
-    raise ValueError(f"model.arch must be one of ['pose2seg', 'maskrcnn'], got {config.arch!r}")
+    from pose2seg.arch import architecture
 
-
-def _build_maskrcnn(config: ModelConfig, *, input_size: int | None) -> nn.Module:
-    import torchvision
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
-    # torchvision's resnet_fpn_backbone, with the FPN width of the config instead of a fixed
-    # 256: both archs then share backbone depth and FPN width (model.fpn_channels = 256 gives
-    # torchvision's standard Mask R-CNN). From scratch: trainable BatchNorm everywhere
-    # (torchvision freezes it only for pretrained weights), all layers trainable, no download.
-    norm_layer = torchvision.ops.FrozenBatchNorm2d if config.freeze_backbone_bn else nn.BatchNorm2d
-    resnet = getattr(torchvision.models, f"resnet{config.backbone_depth}")(
-        weights=None, norm_layer=norm_layer
-    )
-    stage2 = resnet.inplanes // 8  # 64 (basic blocks) or 256 (bottlenecks)
-    channels = config.fpn_channels
-    backbone = BackboneWithFPN(
-        resnet,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        in_channels_list=[stage2, stage2 * 2, stage2 * 4, stage2 * 8],
-        out_channels=channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
-    if config.pretrained_source:
-        _load_maskrcnn_backbone(backbone, config.pretrained_source, depth=config.backbone_depth)
-    # The mask head is as wide as the FPN, as torchvision's (256 = 256).
-    mask_head = MaskRCNNHeads(channels, (channels,) * 4, 1)
-    mask_predictor = MaskRCNNPredictor(channels, channels, 2)
-    # torchvision's Kaiming init of the 1x1 logit conv (fan_out = 1, so std sqrt(2)) makes
-    # from-scratch logits large: at 256 channels the mask BCE started near 7 and diverged in
-    # our runs. Detectron2's init of this layer starts it at log 2.
-    nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=0.001)
-    nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)
-    sizes = {} if input_size is None else {"min_size": input_size, "max_size": input_size}
-    # Two classes (background, person); the box predictor is torchvision's default for them.
-    return MaskRCNN(
-        backbone,
-        num_classes=None,
-        box_predictor=FastRCNNPredictor(1024, 2),
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
-        **sizes,
-    )
-
-
-def _load_maskrcnn_backbone(backbone: nn.Module, path: str, *, depth: int) -> None:
-    # Reuse the checks of the Pose2Seg backbone, then copy the (identically named) ResNet weights.
-    resnet = ResNetFPN(depth=depth, fpn_channels=8)
-    load_backbone_state_dict(resnet, path)
-    names = set(resnet.resnet_parameters_names())
-    state = {
-        k: v
-        for k, v in resnet.state_dict().items()
-        if k in names and not k.endswith("num_batches_tracked")
-    }
-    backbone.body.load_state_dict(state, strict=False)
+    return architecture(config).build(config, input_size=input_size)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

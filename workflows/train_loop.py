@@ -12,7 +12,6 @@ checkpoint and decides whether the registry alias moves.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -40,6 +39,20 @@ def _decode_batch(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return [decode_row({k: batch[k][i] for k in keys}) for i in range(n)]
 
 
+def _val_rows(batch: dict[str, np.ndarray], mine: list[int], *, full: bool) -> list[dict]:
+    """Stored val rows ``mine`` of a numpy batch, images decoded: whole rows (``full``, the
+    baseline's batches need them) or only what the one prediction path reads."""
+    from preprocessing.schema import decode_image
+
+    if full:
+        return _decode_batch({k: batch[k][mine] for k in batch})
+    keep = ("image_id", "image", "orig_height", "orig_width")
+    rows = [{k: batch[k][i] for k in keep} for i in mine]
+    for row in rows:
+        row["image"] = decode_image(bytes(row["image"]))
+    return rows
+
+
 def predict_rows(
     model,
     rows: list[dict[str, Any]],
@@ -49,7 +62,8 @@ def predict_rows(
     templates: np.ndarray | None = None,
     keypoints: dict[int, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO results (original image frame) for stored val rows with the given model.
+    """COCO results (original image frame) for stored val rows with the given model: what
+    training-time validation predicts (:attr:`pose2seg.arch.Architecture.predict_rows`).
 
     Pose2Seg goes through :meth:`pose2seg.inference.Predictor.predict_frames`, the one
     prediction path: the stored input-frame image (what :func:`pose2seg.input_frame.
@@ -57,53 +71,19 @@ def predict_rows(
     (``keypoints``: image id -> (N,K,3) original frame, :func:`workflows.eval_io.gt_keypoints`);
     nothing else stored is used (no stored affines, features, boxes or masks). ``rows`` need
     ``image_id``, ``image`` (encoded bytes or a decoded array), ``orig_height``, ``orig_width``.
-    The Mask R-CNN baseline predicts from decoded rows (``_decode_batch``).
     """
-    if config.model.arch == "maskrcnn":
-        from pose2seg.maskrcnn import detection_predict_results
-
-        return detection_predict_results(
-            getattr(model, "module", model), rows, config=config, device=device
-        )
-
-    from pose2seg.inference import InputFrame, Predictor
-    from pose2seg.input_frame import input_frame_keypoints, input_frame_size
+    from pose2seg.arch import architecture
     from preprocessing.schema import decode_image
 
-    if not rows:
-        return []
-    if templates is None or keypoints is None:
-        raise ValueError("predict_rows: Pose2Seg needs the model's templates and the keypoints")
-    input_size = config.data.input_size
-    frames = []
+    decoded = []
     for row in rows:
-        image_id = int(row["image_id"])
         image = row["image"]
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
-            image = decode_image(bytes(image))
-        orig_hw = (int(row["orig_height"]), int(row["orig_width"]))
-        scale, h, w = input_frame_size(orig_hw, input_size)
-        if image.shape[:2] != (h, w):
-            raise ValueError(
-                f"image {image_id}: the stored val image is {image.shape[0]}x{image.shape[1]}, "
-                f"expected {h}x{w} for data.input_size={input_size}: re-run preprocessing"
-            )
-        if image_id not in keypoints:
-            raise ValueError(
-                f"image {image_id}: stored in the val Parquet but not in its annotations"
-            )
-        frames.append(
-            InputFrame(
-                image_id=image_id,
-                image=image,
-                keypoints=input_frame_keypoints(keypoints[image_id], scale),
-                orig_hw=orig_hw,
-                scale=scale,
-            )
-        )
-    net = getattr(model, "module", model)
-    predictor = Predictor(net, templates, config.model, device, input_size=input_size)
-    return predictor.predict_frames(frames)
+            row = {**row, "image": decode_image(bytes(image))}
+        decoded.append(row)
+    return architecture(config).predict_rows(
+        model, decoded, config=config, device=device, templates=templates, keypoints=keypoints
+    )
 
 
 @dataclass
@@ -141,29 +121,24 @@ def validate(
     (:func:`workflows.eval_io.split_metrics`). Returns metrics on every rank."""
     import torch.distributed as dist
 
+    from pose2seg.arch import architecture
     from workflows.eval_io import split_metrics
 
+    arch = architecture(config)
     net = getattr(model, "module", model)
     net.eval()
     results: list[dict[str, Any]] = []
     predicted = 0
     index = 0
     for batch in val_iter.iter_batches(batch_size=config.eval.batch_size, batch_format="numpy"):
-        keys = list(batch)
-        n = len(batch[keys[0]])
+        n = len(next(iter(batch.values())))
         mine = [i for i in range(n) if (index + i) % world == rank]
         index += n
         if not mine:
             continue
-        if config.model.arch == "maskrcnn":
-            rows = _decode_batch({k: batch[k][mine] for k in keys})
-        else:
-            rows = [
-                {k: batch[k][i] for k in ("image_id", "image", "orig_height", "orig_width")}
-                for i in mine
-            ]
+        rows = _val_rows(batch, mine, full=arch.full_val_rows)
         results.extend(
-            predict_rows(
+            arch.predict_rows(
                 net,
                 rows,
                 config=config,
@@ -234,10 +209,11 @@ def build_augmenter(config: Config, *, rank: int):
     """The per-person training augmentation of ``train.augment_*`` / ``train.occlusion_*`` as
     ``augment(batch, rows, step) -> batch``, or None when every option is off (or for the
     Mask R-CNN baseline): then training is exactly what it is without augmentation."""
+    from pose2seg.arch import architecture
     from pose2seg.augment import AugmentSettings, augment_batch, step_generator
 
     settings = AugmentSettings.from_config(config)
-    if not settings.enabled or config.model.arch != "pose2seg":
+    if not settings.enabled or not architecture(config).person_augmentation:
         return None
 
     def augment(batch, rows: list[dict[str, Any]], step: int):
@@ -410,211 +386,289 @@ def _mmss(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on every Ray Train worker. ``loop_config``: ``config`` (flat dict), ``templates``
-    (T,K,2 list), ``steps_per_epoch``, ``mlflow`` (RunHandle fields or None), test hooks."""
+@dataclass
+class TrainState:
+    """What a worker trains, saved and restored whole: one checkpoint per epoch holds it all
+    (with the config and the templates, so a checkpoint is also the model artifact)."""
+
+    model: Any  # nn.Module (DDP-wrapped once prepared)
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16 on GPU, else None
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimiser steps done
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: Config, *, total_steps: int, amp_dtype) -> TrainState:
+        import torch
+
+        from pose2seg.engine import build_lr_schedule, build_optimizer
+        from pose2seg.model import build_model
+
+        model = build_model(
+            local_pretrained_backbone(config).model, input_size=config.data.input_size
+        )
+        optimizer = build_optimizer(model, config.train)
+        scheduler = build_lr_schedule(optimizer, config.train, total_steps)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        return cls(model, optimizer, scheduler, scaler)
+
+    def restore(self, ckpt_dir: str) -> None:
+        from pose2seg.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(ckpt_dir, with_training_state=True)
+        self.model.load_state_dict(loaded.model_state)
+        if loaded.training_state:
+            self.optimizer.load_state_dict(loaded.training_state["optimizer"])
+            self.scheduler.load_state_dict(loaded.training_state["scheduler"])
+            if self.scaler is not None and loaded.training_state.get("scaler"):
+                self.scaler.load_state_dict(loaded.training_state["scaler"])
+        self.epoch = int(loaded.state.get("epoch", 0))
+        self.step = int(loaded.state.get("step", 0))
+        self.history = list(loaded.state.get("history", []))
+
+    def save(self, directory: str, *, config: Config, templates: np.ndarray, metrics) -> None:
+        from pose2seg.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            directory,
+            model=self.model,
+            config=config,
+            templates=templates,
+            state={
+                "epoch": self.epoch,
+                "step": self.step,
+                "metrics": metrics,
+                "history": self.history,
+            },
+            training_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            },
+        )
+
+
+@dataclass
+class Worker:
+    """What stays fixed on a worker for the whole run."""
+
+    config: Config
+    templates: np.ndarray
+    arch: Any  # pose2seg.arch.Architecture
+    rank: int
+    world: int
+    device: Any
+    amp_dtype: Any
+    steps_per_epoch: int
+    augmenter: Any  # build_augmenter(...) or None
+    val_shard: Any
+    val_data: ValidationData
+    handle: Any  # RunHandle on rank 0 when the run is tracked, else None
+    run_t0: float = field(default_factory=time.time)
+
+
+@dataclass
+class EpochStats:
+    losses: list[float] = field(default_factory=list)
+    people: int = 0
+    images: int = 0
+    step_seconds: float = 0.0  # forward + backward + optimiser; the rest of the epoch is input
+    train_seconds: float = 0.0
+
+
+def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int) -> EpochStats:
+    """One epoch of optimisation steps over ``batches`` (this rank's numpy batches)."""
+    config, stats, t0 = worker.config, EpochStats(), time.time()
+    progress = EpochProgress(
+        config,
+        epoch=state.epoch,
+        steps_per_epoch=worker.steps_per_epoch,
+        first_epoch=first_epoch,
+        run_t0=worker.run_t0,
+        handle=worker.handle,
+        enabled=worker.rank == 0,
+    )
+    for batch_np in batches:
+        rows = _decode_batch(batch_np)
+        batch = worker.arch.collate(rows, input_size=config.data.input_size).to(worker.device)
+        if worker.augmenter is not None:  # per-person augmentation, off by default
+            batch = worker.augmenter(batch, rows, state.step)
+        t_step = time.time()
+        out = worker.arch.train_step(
+            state.model,
+            batch,
+            state.optimizer,
+            train_config=config.train,
+            scaler=state.scaler,
+            autocast_dtype=worker.amp_dtype,
+            grad_clip_norm=config.train.grad_clip_norm,
+            step=state.step,
+        )
+        state.scheduler.step()
+        stats.step_seconds += time.time() - t_step
+        state.step += 1
+        stats.losses.append(out["loss"])
+        stats.people += int(out["num_people"])
+        stats.images += len(rows)
+        progress.update(step=state.step, loss=float(out["loss"]), images=len(rows) * worker.world)
+    stats.train_seconds = time.time() - t0
+    return stats
+
+
+def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str, Any]:
+    """Validate, then checkpoint and report to Ray Train, then log to MLflow; returns the
+    epoch's metrics. ``state.epoch`` counts the epoch as done."""
+    import ray.train
+
+    config, t0 = worker.config, time.time()
+    if worker.rank == 0:
+        say(
+            f"[pose2seg] epoch {state.epoch + 1}/{config.train.epochs}  trained "
+            f"{len(stats.losses)} steps in {stats.train_seconds:.0f} s; validating"
+        )
+    val = validate(
+        state.model,
+        worker.val_shard,
+        config=config,
+        device=worker.device,
+        rank=worker.rank,
+        world=worker.world,
+        val_data=worker.val_data,
+        templates=worker.templates,
+    )
+    val_seconds = time.time() - t0
+    train_seconds = max(stats.train_seconds, 1e-9)
+    state.epoch += 1
+    metrics = {
+        "epoch": state.epoch,
+        "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
+        "lr": float(state.optimizer.param_groups[0]["lr"]),
+        "train_images_per_s_worker": stats.images / train_seconds,
+        "train_people_per_s_worker": stats.people / train_seconds,
+        # Share of the training time this worker spent waiting for, decoding and
+        # collating batches (0 = the input pipeline never held the model up).
+        "train_input_fraction": 1.0 - stats.step_seconds / train_seconds,
+        "epoch_seconds": stats.train_seconds + val_seconds,
+        "train_seconds": stats.train_seconds,
+        "val_seconds": val_seconds,
+        **val,
+    }
+    state.history.append({k: float(v) for k, v in metrics.items()})
+    if worker.rank == 0:
+        say(
+            f"[pose2seg] epoch {state.epoch}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
+            f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
+            f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
+            f"input {100 * metrics['train_input_fraction']:.0f}%  {metrics['epoch_seconds']:.0f} s "
+            f"(train {stats.train_seconds:.0f} s, val {val_seconds:.0f} s)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            state.save(tmp, config=config, templates=worker.templates, metrics=metrics)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+    if worker.handle is not None:
+        # Logged once the epoch's checkpoint is stored: a job interrupted before that
+        # redoes the epoch on --resume, and MLflow never holds the same step twice.
+        from workflows.mlflow_tracking import log_metrics
+
+        log_metrics(worker.handle, metrics, step=state.epoch)
+    return metrics
+
+
+def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
+    """The run's fixed parts and its state, restored from Ray Train's checkpoint if any."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch
 
-    from pose2seg.batch import collate
-    from pose2seg.checkpoint import load_checkpoint, save_checkpoint
-    from pose2seg.engine import build_lr_schedule, build_optimizer, train_step
-    from pose2seg.model import build_model
+    from pose2seg.arch import architecture
 
     config = Config.from_flat(loop_config["config"])
-    templates = np.asarray(loop_config["templates"], dtype=np.float32)
-    collate_fn = collate
-    step_fn = functools.partial(train_step, dice_weight=config.train.dice_weight)
-    if config.model.arch == "maskrcnn":
-        # The baseline: same data, loop, budget and evaluation; its own batch layout and loss.
-        from pose2seg.maskrcnn import collate_detection, detection_train_step
-
-        collate_fn, step_fn = collate_detection, detection_train_step
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.train.use_gpu:
         torch.set_num_threads(worker_threads(config))
     torch.manual_seed(config.train.seed)  # identical init on every rank (DDP broadcasts anyway)
     np.random.seed(config.train.seed + rank)
-    device = ray.train.torch.get_device()
-
-    model = build_model(local_pretrained_backbone(config).model, input_size=config.data.input_size)
-    augmenter = build_augmenter(config, rank=rank)
-    optimizer = build_optimizer(model, config.train)
-    steps_per_epoch = int(loop_config["steps_per_epoch"])
-    total_steps = steps_per_epoch * config.train.epochs
-    scheduler = build_lr_schedule(optimizer, config.train, total_steps)
     use_amp = config.train.use_gpu and config.train.mixed_precision and torch.cuda.is_available()
     amp_dtype = (
         torch.bfloat16
         if use_amp and torch.cuda.is_bf16_supported()
         else (torch.float16 if use_amp else None)
     )
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    start_epoch, step = 0, 0
-    history: list[dict[str, float]] = []
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    arch = architecture(config)
+    state = TrainState.build(
+        config, total_steps=steps_per_epoch * config.train.epochs, amp_dtype=amp_dtype
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            loaded = load_checkpoint(ckpt_dir, with_training_state=True)
-        model.load_state_dict(loaded.model_state)
-        if loaded.training_state:
-            optimizer.load_state_dict(loaded.training_state["optimizer"])
-            scheduler.load_state_dict(loaded.training_state["scheduler"])
-            if scaler is not None and loaded.training_state.get("scaler"):
-                scaler.load_state_dict(loaded.training_state["scaler"])
-        start_epoch = int(loaded.state.get("epoch", 0))
-        step = int(loaded.state.get("step", 0))
-        history = list(loaded.state.get("history", []))
+            state.restore(ckpt_dir)
         if rank == 0:
-            print(
-                f"[pose2seg] resuming from the checkpoint of epoch {start_epoch} (step {step})",
-                flush=True,
+            say(
+                f"[pose2seg] resuming from the checkpoint of epoch {state.epoch} "
+                f"(step {state.step})"
             )
-
-    if config.model.arch == "pose2seg":
-        # NHWC convolutions: ~10 % faster steps on CPU (oneDNN) in our measurements, and the
-        # layout tensor cores prefer on GPU. Weights only: activations follow the weights.
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    val_shard = ray.train.get_dataset_shard("val")
-    train_files = [(str(u), int(n)) for u, n in loop_config["train_files"]]
-    if loop_config.get("val_data"):
-        import ray
-
-        val_data = ray.get(loop_config["val_data"][0])
-    else:
-        val_data = load_validation_data(config)
+    if arch.channels_last:
+        # NHWC convolutions: faster steps on CPU (oneDNN) in our measurements, and the layout
+        # tensor cores prefer on GPU. Weights only: activations follow the weights.
+        state.model = state.model.to(memory_format=torch.channels_last)
+    state.model = ray.train.torch.prepare_model(state.model)
     handle = None
     if rank == 0 and loop_config.get("mlflow"):
         from workflows.mlflow_tracking import RunHandle
 
         handle = RunHandle(**loop_config["mlflow"])
-
-    final_metrics: dict[str, Any] = {}
-    run_t0 = time.time()
-    stream = train_stream(
-        train_files,
+    val_ref = loop_config.get("val_data")
+    worker = Worker(
         config=config,
-        first_epoch=start_epoch,
+        templates=np.asarray(loop_config["templates"], dtype=np.float32),
+        arch=arch,
         rank=rank,
         world=world,
+        device=ray.train.torch.get_device(),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=steps_per_epoch,
+        augmenter=build_augmenter(config, rank=rank),
+        val_shard=ray.train.get_dataset_shard("val"),
+        val_data=ray.get(val_ref[0]) if val_ref else load_validation_data(config),
+        handle=handle,
+    )
+    return state, worker
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker. ``loop_config``: ``config`` (flat dict), ``templates``
+    (T,K,2 list), ``steps_per_epoch``, ``train_files`` (the Parquet manifest), ``val_data``
+    (an object ref), ``mlflow`` (RunHandle fields or None), ``read_runtime_env``."""
+    state, worker = _setup_worker(loop_config)
+    config, first_epoch = worker.config, state.epoch
+    stream = train_stream(
+        [(str(u), int(n)) for u, n in loop_config["train_files"]],
+        config=config,
+        first_epoch=first_epoch,
+        rank=worker.rank,
+        world=worker.world,
         runtime_env=loop_config.get("read_runtime_env"),
     )
-    for epoch in range(start_epoch, config.train.epochs):
-        _maybe_inject_failure(loop_config, epoch=epoch, rank=rank)
-        t0 = time.time()
-        losses, people, images = [], 0, 0
-        start_step = step
-        step_seconds = 0.0  # forward + backward + optimiser; the rest of the epoch is input
-        progress = EpochProgress(
-            config,
-            epoch=epoch,
-            steps_per_epoch=steps_per_epoch,
-            first_epoch=start_epoch,
-            run_t0=run_t0,
-            handle=handle,
-            enabled=rank == 0,
-        )
-        for batch_np in stream.epoch(
-            epoch,
+    metrics: dict[str, Any] = {}
+    while state.epoch < config.train.epochs:
+        _maybe_inject_failure(loop_config, epoch=state.epoch, rank=worker.rank)
+        batches = stream.epoch(
+            state.epoch,
             batch_size=config.train.batch_size,
             buffer_size=config.train.shuffle_buffer_size,
-        ):
-            rows = _decode_batch(batch_np)
-            batch = collate_fn(rows, input_size=config.data.input_size).to(device)
-            if augmenter is not None:  # issue 15: per-person augmentation, off by default
-                batch = augmenter(batch, rows, step)
-            t_step = time.time()
-            stats = step_fn(
-                model,
-                batch,
-                optimizer,
-                scaler=scaler,
-                autocast_dtype=amp_dtype,
-                grad_clip_norm=config.train.grad_clip_norm,
-                step=step,
-            )
-            scheduler.step()
-            step_seconds += time.time() - t_step
-            step += 1
-            losses.append(stats["loss"])
-            people += int(stats["num_people"])
-            images += len(rows)
-            progress.update(step=step, loss=float(stats["loss"]), images=len(rows) * world)
-        train_seconds = time.time() - t0
-        if rank == 0:
-            say(
-                f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  trained {step - start_step} "
-                f"steps in {train_seconds:.0f} s; validating"
-            )
-        val = validate(
-            model,
-            val_shard,
-            config=config,
-            device=device,
-            rank=rank,
-            world=world,
-            val_data=val_data,
-            templates=templates,
         )
-        epoch_seconds = time.time() - t0
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "train_images_per_s_worker": images / max(train_seconds, 1e-9),
-            "train_people_per_s_worker": people / max(train_seconds, 1e-9),
-            # Share of the training time this worker spent waiting for, decoding and
-            # collating batches (0 = the input pipeline never held the model up).
-            "train_input_fraction": 1.0 - step_seconds / max(train_seconds, 1e-9),
-            "epoch_seconds": epoch_seconds,
-            "train_seconds": train_seconds,
-            "val_seconds": epoch_seconds - train_seconds,
-            **val,
-        }
-        history.append({k: float(v) for k, v in metrics.items()})
-        if rank == 0:
-            say(
-                f"[pose2seg] epoch {epoch + 1}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
-                f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
-                f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
-                f"input {100 * metrics['train_input_fraction']:.0f}%  {epoch_seconds:.0f} s "
-                f"(train {train_seconds:.0f} s, val {epoch_seconds - train_seconds:.0f} s)"
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp,
-                    model=model,
-                    config=config,
-                    templates=templates,
-                    state={
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "metrics": metrics,
-                        "history": history,
-                    },
-                    training_state={
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                    },
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        if handle is not None:
-            # Logged once the epoch's checkpoint is stored: a job interrupted before that
-            # redoes the epoch on --resume, and MLflow never holds the same step twice.
-            from workflows.mlflow_tracking import log_metrics
-
-            log_metrics(handle, metrics, step=epoch + 1)
-        final_metrics = metrics
-    return {"metrics": final_metrics, "history": history}
+        stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
+        metrics = end_epoch(state, worker, stats)
+    return {"metrics": metrics, "history": state.history}
 
 
 # --------------------------------------------------------------------------------------------
@@ -933,7 +987,9 @@ def run_training(
             tracking.log_metrics(
                 handle, {"best_val_segm_ap": best_ap}, step=int(best_state.get("epoch", 0))
             )
-            if config.model.arch == "pose2seg":
+            from pose2seg.arch import architecture
+
+            if architecture(config).servable:
                 outcome.model_uri = tracking.log_pose2seg_model(handle, ckpt_dir)
             else:
                 # The Mask R-CNN baseline is trained for comparison only: its metrics and
