@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +18,58 @@ from torch import nn
 from pose2seg.batch import PersonBatch
 from pose2seg.config import Config
 from pose2seg.loss import mask_loss
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the Ray Train worker processes on this machine (their title ``ray::RayTrainWorker``)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                title = fh.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker"):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _stored_epochs(storage: Path) -> set[int]:
+    epochs = set()
+    for state in storage.glob("*/checkpoint_*/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            epochs.add(int(json.loads(state.read_text())["epoch"]))
+    return epochs
+
+
+@contextlib.contextmanager
+def kill_a_train_worker(storage: Path, *, after_epoch: int, timeout_s: float = 300):
+    """A real worker failure, no hook in the product: once the run under ``storage`` (its
+    ``train.storage_path``) has stored the checkpoint of ``after_epoch``, SIGKILL one Ray Train
+    worker. Yields a dict whose ``killed`` holds the PID once it happened."""
+    done = threading.Event()
+    result: dict = {"killed": None}
+
+    def watch() -> None:
+        deadline = time.time() + timeout_s
+        while not done.is_set() and time.time() < deadline:
+            if any(e >= after_epoch for e in _stored_epochs(storage)):
+                for pid in train_worker_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        result["killed"] = pid
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def tiny_config(tmp_path, **extra) -> Config:

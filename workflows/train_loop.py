@@ -173,17 +173,6 @@ def validate(
     return metrics
 
 
-def _maybe_inject_failure(loop_config: dict[str, Any], *, epoch: int, rank: int) -> None:
-    """Test hook: raise once (marker file) at the start of ``fail_once_at_epoch``."""
-    marker = loop_config.get("fail_once_marker")
-    if not marker or rank != 0 or epoch != loop_config.get("fail_once_at_epoch", 1):
-        return
-    if not os.path.exists(marker):
-        with open(marker, "w") as fh:
-            fh.write(f"failed at epoch {epoch}\n")
-        raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
-
-
 def local_pretrained_backbone(config: Config) -> Config:
     """The config with an ``s3://`` (any URI) ``model.pretrained_backbone`` copied to a local
     file, since ``pose2seg`` reads local files only; other values are returned unchanged."""
@@ -660,7 +649,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     )
     metrics: dict[str, Any] = {}
     while state.epoch < config.train.epochs:
-        _maybe_inject_failure(loop_config, epoch=state.epoch, rank=worker.rank)
         batches = stream.epoch(
             state.epoch,
             batch_size=config.train.batch_size,
@@ -740,7 +728,6 @@ def build_trainer(
     run_name: str,
     mlflow: dict[str, str] | None,
     callbacks: list | None = None,
-    test_hooks: dict[str, Any] | None = None,
 ):
     """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
     import ray
@@ -758,7 +745,6 @@ def build_trainer(
         # the reference instead of resolving it into the config).
         "val_data": [ray.put(load_validation_data(config))],
         "mlflow": mlflow,
-        **(test_hooks or {}),
     }
     resources = {"CPU": config.train.cpus_per_worker}
     if config.train.use_gpu:
@@ -891,7 +877,6 @@ def run_training(
     resume: str | None = None,
     register: bool | None = None,
     parent_run_id: str | None = None,
-    test_hooks: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """The whole training job on an already-initialised Ray: data, MLflow run, fit, model
     logging and registration.
@@ -947,7 +932,6 @@ def run_training(
             "run_id": handle.run_id,
             "experiment_id": handle.experiment_id,
         },
-        test_hooks=test_hooks,
     )
     try:
         result = trainer.fit()

@@ -92,18 +92,17 @@ def test_alias_moves_only_for_a_better_model(trained):
     assert str(holder.version) == better.version
 
 
-def test_injected_failure_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
+def test_a_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
+    from tests.helpers import kill_a_train_worker
     from workflows.train_loop import run_training
 
-    config = tiny_config(tmp_path, **{"train.epochs": 3, "registry.register": False})
-    marker = tmp_path / "failed-once"
-    outcome = run_training(
-        config, test_hooks={"fail_once_marker": str(marker), "fail_once_at_epoch": 2}
-    )
-    assert marker.exists(), "the injected failure did not happen"
-    assert outcome.metrics["epoch"] == 3
-    # The restarted worker loaded the epoch-2 checkpoint: the history holds each epoch once.
-    assert [int(h["epoch"]) for h in outcome.history] == [1, 2, 3]
+    config = tiny_config(tmp_path, **{"train.epochs": 4, "registry.register": False})
+    with kill_a_train_worker(tmp_path / "runs", after_epoch=1) as kill:
+        outcome = run_training(config)
+    assert kill["killed"], "no Ray Train worker was killed"
+    assert outcome.metrics["epoch"] == 4
+    # The restarted workers loaded the last checkpoint: the history holds each epoch once.
+    assert [int(h["epoch"]) for h in outcome.history] == [1, 2, 3, 4]
     assert outcome.registration is None
 
 
