@@ -578,7 +578,7 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
 
     from pose2seg.arch import architecture
 
-    config = Config.from_flat(loop_config["config"])
+    config: Config = loop_config["config"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.train.use_gpu:
@@ -610,15 +610,12 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         # tensor cores prefer on GPU. Weights only: activations follow the weights.
         state.model = state.model.to(memory_format=torch.channels_last)
     state.model = ray.train.torch.prepare_model(state.model)
-    handle = None
-    if rank == 0 and loop_config.get("mlflow"):
-        from workflows.mlflow_tracking import RunHandle
-
-        handle = RunHandle(**loop_config["mlflow"])
+    # Rank 0 logs to the job's MLflow run (a mlflow_tracking.RunHandle, plain data).
+    handle = loop_config.get("mlflow") if rank == 0 else None
     val_ref = loop_config.get("val_data")
     worker = Worker(
         config=config,
-        templates=np.asarray(loop_config["templates"], dtype=np.float32),
+        templates=loop_config["templates"],
         arch=arch,
         rank=rank,
         world=world,
@@ -634,9 +631,9 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on every Ray Train worker. ``loop_config``: ``config`` (flat dict), ``templates``
-    (T,K,2 list), ``steps_per_epoch``, ``train_files`` (the Parquet manifest), ``val_data``
-    (an object ref), ``mlflow`` (RunHandle fields or None), ``read_runtime_env``."""
+    """Runs on every Ray Train worker. ``loop_config``: ``config`` (a Config), ``templates``
+    ((T,K,2) float32), ``steps_per_epoch``, ``train_files`` (the Parquet manifest), ``val_data``
+    (an object ref), ``mlflow`` (a RunHandle or None), ``read_runtime_env``."""
     state, worker = _setup_worker(loop_config)
     config, first_epoch = worker.config, state.epoch
     stream = train_stream(
@@ -726,7 +723,7 @@ def build_trainer(
     data: PreparedData,
     *,
     run_name: str,
-    mlflow: dict[str, str] | None,
+    mlflow: Any,  # mlflow_tracking.RunHandle of the job's run, or None
     callbacks: list | None = None,
 ):
     """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
@@ -735,8 +732,9 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     loop_config = {
-        "config": config.to_flat(),
-        "templates": data.templates.tolist(),
+        # Plain picklable objects: the typed config and the (T,K,2) float32 templates.
+        "config": config,
+        "templates": np.asarray(data.templates, dtype=np.float32),
         "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
         "train_files": [[u, int(n)] for u, n in data.train_files],
         "read_runtime_env": _runtime_env(),
@@ -927,11 +925,7 @@ def run_training(
         config,
         data,
         run_name=run_name,
-        mlflow={
-            "tracking_uri": handle.tracking_uri,
-            "run_id": handle.run_id,
-            "experiment_id": handle.experiment_id,
-        },
+        mlflow=handle,
     )
     try:
         result = trainer.fit()

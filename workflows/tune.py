@@ -98,11 +98,7 @@ def trial_driver(params: dict[str, Any]) -> None:
         config,
         data,
         run_name=run_name,
-        mlflow={
-            "tracking_uri": handle.tracking_uri,
-            "run_id": handle.run_id,
-            "experiment_id": handle.experiment_id,
-        },
+        mlflow=handle,
         callbacks=[TuneReportCallback()],
     )
     # No end_run on an exception here: when Tune stops a trial (ASHA, or at max_t) fit() may
