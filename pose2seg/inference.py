@@ -3,8 +3,8 @@
 :class:`Predictor` is the only code that turns (image, keypoints) into masks and scores:
 training-time validation, ``evaluate.py``, ``predict.py``, the Ray Data batch inference and the
 MLflow pyfunc all call it (docs/ARCHITECTURE.md, "One prediction path"). It uses nothing of the
-ground truth but the keypoints: the affines are estimated from the keypoints here (never read
-from preprocessing), the skeleton features are rendered here in float, and people whose
+ground truth but the keypoints: the affines are estimated from the keypoints here (never the
+stored ones of preprocessing), the skeleton features are rendered here in float, and people whose
 keypoints cannot define the affine get the keypoint-only fallback (:mod:`pose2seg.fallback`).
 
 The path has two steps, so a cache can enter between them without changing a pixel:

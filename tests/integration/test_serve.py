@@ -193,7 +193,8 @@ def test_an_image_alone_goes_through_the_keypoint_detector(served, sample):
     assert status == 200, out
     assert out["keypoint_source"] == "detector"
     found = len(out["people"]) + len(out["unsegmented"])
-    assert 1 <= found <= config.detector.max_people  # random weights: 3 low-score "people"
+    # Random weights: a few low-score "people", never none and never above the cap.
+    assert found >= 1 and found <= config.detector.max_people
     for person in out["people"]:
         assert len(person["keypoints"]) == 51
         assert person["segmentation"]["size"] == [out["height"], out["width"]]
