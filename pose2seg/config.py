@@ -294,8 +294,14 @@ class TrainConfig:
     shuffle_buffer_size: int = 256
     """Rows in each worker's seeded local shuffle buffer (on top of the per-epoch seeded file
     order); capped at the worker's rows per epoch; 0 = file order only."""
+    input_reader: str = "thread"
+    """How a training worker reads its Parquet slices: ``thread`` (a background thread of the
+    worker, pyarrow, local or s3://) or ``ray_data`` (Ray Data read tasks anywhere in the
+    cluster; in Ray 2.60 its scheduling thread spins inside the worker while the reads are held
+    back by backpressure, costing the training steps CPU). Same rows, same order."""
     read_concurrency: int = 1
-    """Parquet read tasks in flight per training worker (raise it when input is the bottleneck)."""
+    """Parquet slices read ahead per training worker (``ray_data``: read tasks in flight; the
+    ``thread`` reader keeps at least 2 ahead)."""
     progress_every_steps: int = 0
     """Print a progress line (rank 0) every this many steps; 0 = by time only."""
     progress_every_seconds: float = 30.0
@@ -338,6 +344,7 @@ class TrainConfig:
         _check(self.num_to_keep >= 1, "train.num_to_keep", "must be >= 1")
         _check(self.shuffle_buffer_size >= 0, "train.shuffle_buffer_size", "must be >= 0")
         _check(self.read_concurrency >= 1, "train.read_concurrency", "must be >= 1")
+        _one_of(self.input_reader, "train.input_reader", ("thread", "ray_data"))
         _check(self.progress_every_steps >= 0, "train.progress_every_steps", "must be >= 0")
         _check(self.progress_every_seconds >= 0, "train.progress_every_seconds", "must be >= 0")
         _check(self.mlflow_loss_every_steps >= 0, "train.mlflow_loss_every_steps", "must be >= 0")

@@ -237,13 +237,14 @@ def train_stream(
     world: int,
     runtime_env: dict[str, Any] | None = None,
 ):
-    """This rank's training input from ``first_epoch`` to the last epoch, one Ray Data
-    execution for the run (:class:`preprocessing.epoch_reader.RankStream`): each epoch its
-    share of a seeded file order, through a seeded local shuffle buffer."""
+    """This rank's training input from ``first_epoch`` to the last epoch, one stream for the
+    run (:class:`preprocessing.epoch_reader.RankStream`, read by ``train.input_reader``): each
+    epoch its share of a seeded file order, through a seeded local shuffle buffer."""
     from preprocessing.epoch_reader import RankStream, preserve_order
     from preprocessing.pipeline import READ_CPUS
 
-    preserve_order()
+    if config.train.input_reader == "ray_data":
+        preserve_order()
     return RankStream(
         train_files,
         seed=config.train.seed,
@@ -254,6 +255,7 @@ def train_stream(
         read_cpus=READ_CPUS,
         concurrency=config.train.read_concurrency,
         runtime_env=runtime_env,
+        reader=config.train.input_reader,
     )
 
 

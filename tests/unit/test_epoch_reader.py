@@ -160,3 +160,66 @@ def test_shuffle_buffer_is_seeded_complete_and_mixes():
     assert first[0]["blob"][0] == b"x" * int(first[0]["id"][0])  # columns stay aligned
     # No buffer: the order of the rows as they came.
     assert _ids(run(0, buffer=0)) == list(range(50))
+
+
+def _parquet_files(tmp_path, sizes):
+    paths = []
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"{i}.parquet"
+        pq.write_table(
+            pa.table({"v": list(range(100 * i, 100 * i + n)), "blob": [b"x" * k for k in range(n)]}),
+            path,
+        )
+        paths.append(str(path))
+    return paths
+
+
+def test_thread_reader_gives_the_slices_rows_in_order(tmp_path):
+    from preprocessing.epoch_reader import thread_rows
+
+    a, b = _parquet_files(tmp_path, [5, 4])
+    rows = list(thread_rows([(b, 1, 3), (a, 0, 5), (b, 3, 4)], prefetch=1))
+    assert [r["v"] for r in rows] == [101, 102, 0, 1, 2, 3, 4, 103]
+    assert rows[1]["blob"] == b"xx"
+
+
+def test_thread_reader_stays_bounded_and_stops_when_closed(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from preprocessing import epoch_reader
+
+    (path,) = _parquet_files(tmp_path, [3])
+    reads = []
+    real = epoch_reader.read_slice
+
+    def counting(uri, a, b):
+        reads.append((a, b))
+        return real(uri, a, b)
+
+    monkeypatch.setattr(epoch_reader, "read_slice", counting)
+    rows = epoch_reader.thread_rows([(path, 0, 1)] * 50, prefetch=2)
+    assert next(rows)["v"] == 0
+    time.sleep(0.5)
+    # 1 consumed + 2 queued + 1 waiting to be queued, not the 50 slices.
+    assert len(reads) <= 4
+    rows.close()
+    time.sleep(0.5)
+    assert not any(t.name == "pose2seg-train-reader" for t in threading.enumerate())
+
+
+def test_thread_reader_raises_a_read_error_in_the_consumer_naming_the_file(tmp_path):
+    from preprocessing.epoch_reader import thread_rows
+
+    (path,) = _parquet_files(tmp_path, [3])
+    rows = thread_rows([(path, 0, 3), (path, 0, 9)], prefetch=2)
+    assert [r["v"] for r in (next(rows), next(rows), next(rows))] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"0\.parquet: has 3 rows, expected at least 9"):
+        next(rows)
+
+
+def test_an_unknown_reader_is_a_config_error():
+    from pose2seg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.input_reader"):
+        Config().with_overrides({"train.input_reader": "spark"})
