@@ -167,7 +167,9 @@ def _parquet_files(tmp_path, sizes):
     for i, n in enumerate(sizes):
         path = tmp_path / f"{i}.parquet"
         pq.write_table(
-            pa.table({"v": list(range(100 * i, 100 * i + n)), "blob": [b"x" * k for k in range(n)]}),
+            pa.table(
+                {"v": list(range(100 * i, 100 * i + n)), "blob": [b"x" * k for k in range(n)]}
+            ),
             path,
         )
         paths.append(str(path))
