@@ -93,20 +93,64 @@ def load_gt(annotations_uri: str) -> dict[str, Any]:
     return gt
 
 
-def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
-    """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled
-    keypoint, in annotation order (the only ground truth inference is given)."""
+def _gt_people(gt: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """image id -> its non-crowd annotations with at least one labelled keypoint, in order."""
     out: dict[int, list] = {int(im["id"]): [] for im in gt["images"]}
     for ann in gt["annotations"]:
         if ann.get("iscrowd", 0) or not has_keypoints(ann):
             continue
         if int(ann["image_id"]) in out:
-            out[int(ann["image_id"])].append(
-                np.asarray(ann["keypoints"], np.float32).reshape(NUM_KEYPOINTS, 3)
-            )
+            out[int(ann["image_id"])].append(ann)
+    return out
+
+
+def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
+    """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled
+    keypoint, in annotation order (the only ground truth inference is given)."""
     return {
-        k: np.stack(v) if v else np.zeros((0, NUM_KEYPOINTS, 3), np.float32) for k, v in out.items()
+        k: np.stack([np.asarray(a["keypoints"], np.float32).reshape(NUM_KEYPOINTS, 3) for a in v])
+        if v
+        else np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
+        for k, v in _gt_people(gt).items()
     }
+
+
+def keypoint_degradation(config: Config) -> str | None:
+    """A label for ``eval.keypoint_drop_prob`` / ``keypoint_jitter`` when either is on."""
+    e = config.eval
+    if e.keypoint_drop_prob <= 0 and e.keypoint_jitter <= 0:
+        return None
+    return (
+        f"drop {e.keypoint_drop_prob:g}, jitter {e.keypoint_jitter:g}, seed {e.keypoint_noise_seed}"
+    )
+
+
+def degrade_split_keypoints(
+    keypoints: dict[int, np.ndarray], config: Config, *, gt: dict[str, Any] | None = None
+) -> dict[int, np.ndarray]:
+    """The robustness evaluation's keypoints: each image's people dropped and jittered by
+    :func:`pose2seg.keypoint_noise.degrade_image_keypoints` (seeded by the image id). With the
+    ground truth ``gt`` (keypoints from :func:`gt_keypoints`) the jitter is scaled by each
+    person's annotated area, as OKS is; otherwise by its keypoints' box. A person left with no
+    keypoint is not predicted (a miss), as when a pose estimator misses the person."""
+    from pose2seg.keypoint_noise import degrade_image_keypoints
+
+    people = _gt_people(gt) if gt is not None else {}
+    out = {}
+    for image_id, kpts in keypoints.items():
+        anns = people.get(image_id)
+        areas = None
+        if anns is not None and len(anns) == len(kpts):
+            areas = np.asarray([float(a.get("area", 0.0)) for a in anns], np.float64)
+        out[image_id] = degrade_image_keypoints(
+            kpts,
+            image_id=image_id,
+            seed=config.eval.keypoint_noise_seed,
+            drop_prob=config.eval.keypoint_drop_prob,
+            jitter=config.eval.keypoint_jitter,
+            areas=areas,
+        )
+    return out
 
 
 def results_keypoints(

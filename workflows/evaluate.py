@@ -66,6 +66,8 @@ class SplitsOutcome:
     """The paper-style table (markdown): per split AP, AP50, AP75 and AP by MaxIoU bin."""
     output_dir: str
     mlflow_run_id: str | None = None
+    keypoints: str = "gt"
+    """Where the keypoints came from, with the robustness degradation when it is on."""
 
 
 def _split_keypoints(kp_source: str, gts: dict[str, dict[str, Any]]) -> dict[str, dict]:
@@ -220,7 +222,13 @@ def run_evaluate_splits(
     """Evaluate one or several named splits (default ``eval.default_splits``) on an
     initialised Ray; writes per-split results, metrics, ground truth and overlays, the combined
     table, and logs everything to one MLflow run."""
-    from workflows.eval_io import load_gt, split_paths, with_max_iou
+    from workflows.eval_io import (
+        degrade_split_keypoints,
+        keypoint_degradation,
+        load_gt,
+        split_paths,
+        with_max_iou,
+    )
 
     splits = list(dict.fromkeys(splits or config.eval.default_splits))
     paths = {name: split_paths(config, name) for name in splits}  # unknown names raise here
@@ -245,6 +253,15 @@ def run_evaluate_splits(
         }
     else:
         kps = _split_keypoints(kp_source, gts)
+    degradation = keypoint_degradation(config)
+    if degradation:  # the robustness evaluation: keypoints as a pose estimator errs
+        kps = {
+            split: degrade_split_keypoints(
+                kps[split], config, gt=gts[split] if kp_source == "gt" else None
+            )
+            for split in splits
+        }
+        kp_source = f"{kp_source} ({degradation})"
 
     name = f"eval-{'-'.join(splits)}-{time.strftime('%Y%m%d-%H%M%S')}"
     base = os.path.join(config.eval.output_dir, name)
@@ -267,7 +284,7 @@ def run_evaluate_splits(
         fh.write(table)
     with open(os.path.join(base, "splits.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
-    result = SplitsOutcome(splits=outcomes, table=table, output_dir=base)
+    result = SplitsOutcome(splits=outcomes, table=table, output_dir=base, keypoints=kp_source)
     if log_to_mlflow:
         from workflows import mlflow_tracking as tracking
 
@@ -279,6 +296,7 @@ def run_evaluate_splits(
                 "pose2seg.model": model_ref,
                 "pose2seg.splits": ",".join(splits),
                 "pose2seg.protocol": config.eval.protocol,
+                "pose2seg.keypoints": kp_source,
             },
         )
         for split, out in outcomes.items():
@@ -402,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{split}] rejected: {res.inference['rejected_images']} images, "
                 f"{res.inference['rejected_people']} people (see {res.rejects_path})"
             )
-    print(f"protocol: {config.eval.protocol}")
+    print(f"protocol: {config.eval.protocol}   keypoints: {out.keypoints}")
     print(out.table)
     print(f"tables: {out.output_dir}   MLflow run: {out.mlflow_run_id}")
     if args.with_detector:

@@ -147,3 +147,38 @@ def test_predict_writes_results_and_overlays(trained, coco_sample_dir, tmp_path)
     sizes = {r["image_id"]: tuple(mask_utils.decode(r["segmentation"]).shape) for r in results}
     assert sizes[785] == (425, 640)
     assert len(summary["overlays"]) == 4
+
+
+def test_degraded_keypoints_robustness_evaluation(evaluated):
+    """eval.keypoint_drop_prob / keypoint_jitter: seeded, people left without a keypoint are
+    missed, the label reaches metrics.json and MLflow."""
+    from mlflow import MlflowClient
+
+    from workflows.evaluate import run_evaluate_splits
+
+    config, model_ref, out = evaluated
+    with open(out.results_path) as fh:
+        clean = json.load(fh)
+
+    def run(**keys):
+        cfg = config.with_overrides({f"eval.{k}": v for k, v in keys.items()})
+        res = run_evaluate_splits(cfg, model_ref=model_ref, splits=["val"])
+        with open(res.splits["val"].results_path) as fh:
+            return res, json.load(fh)
+
+    everyone, none_left = run(keypoint_drop_prob=1.0)
+    assert none_left == [] and everyone.splits["val"].metrics["segm_ap"] <= 0.0
+    degraded, first = run(keypoint_drop_prob=0.3, keypoint_jitter=0.5)
+    _, again = run(keypoint_drop_prob=0.3, keypoint_jitter=0.5)
+    _, other_seed = run(keypoint_drop_prob=0.3, keypoint_jitter=0.5, keypoint_noise_seed=1)
+    assert 0 < len(first) <= len(clean)
+    assert first == again  # seeded by (seed, image id)
+    assert first != other_seed
+    assert first != clean  # moved keypoints, other masks
+    assert degraded.keypoints == "gt (drop 0.3, jitter 0.5, seed 0)"
+    with open(os.path.join(degraded.splits["val"].output_dir, "metrics.json")) as fh:
+        assert json.load(fh)["keypoints"] == degraded.keypoints
+    run_tags = MlflowClient(tracking_uri=config.registry.tracking_uri).get_run(
+        degraded.mlflow_run_id
+    )
+    assert run_tags.data.tags["pose2seg.keypoints"] == degraded.keypoints

@@ -65,3 +65,63 @@ def test_seeded_per_image_and_validated():
         degrade_keypoints(kpts, drop_prob=1.5, jitter=0.0, rng=np.random.default_rng(0))
     with pytest.raises(ConfigError, match="eval.keypoint_jitter"):
         Config().with_overrides({"eval.keypoint_jitter": -1.0})
+
+
+def test_split_degradation_scales_jitter_by_the_annotated_area():
+    from workflows.eval_io import degrade_split_keypoints, gt_keypoints, keypoint_degradation
+
+    kpts = np.zeros((17, 3), np.float32)
+    kpts[:, 0], kpts[:, 1], kpts[:, 2] = np.arange(17) * 2.0 + 10, 50.0, 2
+
+    def gt(area):
+        return {
+            "images": [{"id": 7}],
+            "annotations": [
+                {"image_id": 7, "iscrowd": 0, "area": area, "keypoints": kpts.ravel().tolist()}
+            ],
+        }
+
+    assert keypoint_degradation(Config()) is None
+    cfg = Config().with_overrides({"eval.keypoint_jitter": 0.5})
+    assert keypoint_degradation(cfg) == "drop 0, jitter 0.5, seed 0"
+    small, big = gt(100.0), gt(10000.0)
+    moved_small = degrade_split_keypoints(gt_keypoints(small), cfg, gt=small)[7]
+    moved_big = degrade_split_keypoints(gt_keypoints(big), cfg, gt=big)[7]
+    d_small = np.abs(moved_small[..., :2] - kpts[:, :2]).mean()
+    d_big = np.abs(moved_big[..., :2] - kpts[:, :2]).mean()
+    # Same seed and image id -> the same draws, scaled by sqrt(area): 10x apart.
+    assert d_big == pytest.approx(10 * d_small, rel=1e-4)
+    assert d_small > 0
+
+
+def test_robustness_report_tables_every_model_and_level(tmp_path):
+    import csv
+
+    from benchmarks.robustness_eval import parse_levels, parse_models, write_report
+
+    assert parse_levels(["0:0", "0.2:0.5"]) == [(0.0, 0.0), (0.2, 0.5)]
+    with pytest.raises(SystemExit, match="DROP:JITTER"):
+        parse_levels(["0.2"])
+    assert parse_models(["a=runs/x"]) == {"a": "runs/x"}
+    with pytest.raises(SystemExit, match="NAME=MODEL_REF"):
+        parse_models(["runs/x"])
+    rows = [
+        {
+            "model": m,
+            "drop": d,
+            "jitter": j,
+            "segm_ap": ap,
+            "segm_ap50": ap,
+            "occluded_segm_ap": ap / 2,
+        }
+        | {"predicted": 3}
+        for m, base in (("ours", 0.5), ("ours+occ", 0.4))
+        for d, j, ap in ((0.0, 0.0, base), (0.2, 0.0, base - 0.1), (0.0, 0.5, base - 0.2))
+    ]
+    write_report(rows, str(tmp_path), title="t")
+    table = (tmp_path / "robustness.md").read_text()
+    assert "| 0.2 | 0 | 0.400 / 0.200 | 0.300 / 0.150 |" in table
+    assert "ours+occ AP / occluded AP" in table
+    with open(tmp_path / "robustness.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+    assert (tmp_path / "robustness.png").stat().st_size > 0
