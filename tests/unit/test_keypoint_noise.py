@@ -92,36 +92,3 @@ def test_split_degradation_scales_jitter_by_the_annotated_area():
     # Same seed and image id -> the same draws, scaled by sqrt(area): 10x apart.
     assert d_big == pytest.approx(10 * d_small, rel=1e-4)
     assert d_small > 0
-
-
-def test_robustness_report_tables_every_model_and_level(tmp_path):
-    import csv
-
-    from benchmarks.robustness_eval import parse_levels, parse_models, write_report
-
-    assert parse_levels(["0:0", "0.2:0.5"]) == [(0.0, 0.0), (0.2, 0.5)]
-    with pytest.raises(SystemExit, match="DROP:JITTER"):
-        parse_levels(["0.2"])
-    assert parse_models(["a=runs/x"]) == {"a": "runs/x"}
-    with pytest.raises(SystemExit, match="NAME=MODEL_REF"):
-        parse_models(["runs/x"])
-    rows = [
-        {
-            "model": m,
-            "drop": d,
-            "jitter": j,
-            "segm_ap": ap,
-            "segm_ap50": ap,
-            "occluded_segm_ap": ap / 2,
-        }
-        | {"predicted": 3}
-        for m, base in (("ours", 0.5), ("ours+occ", 0.4))
-        for d, j, ap in ((0.0, 0.0, base), (0.2, 0.0, base - 0.1), (0.0, 0.5, base - 0.2))
-    ]
-    write_report(rows, str(tmp_path), title="t")
-    table = (tmp_path / "robustness.md").read_text()
-    assert "| 0.2 | 0 | 0.400 / 0.200 | 0.300 / 0.150 |" in table
-    assert "ours+occ AP / occluded AP" in table
-    with open(tmp_path / "robustness.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 6
-    assert (tmp_path / "robustness.png").stat().st_size > 0
