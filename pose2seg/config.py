@@ -238,7 +238,7 @@ class TrainConfig:
     """CPU threads of each worker's torch ops; 0 = ``round(cpus_per_worker)`` (at least 1). Ray
     schedules by ``cpus_per_worker``; a lone worker on a small machine may use more threads than
     it reserves (the Ray Data tasks beside it are light)."""
-    epochs: int = 6
+    epochs: int = 8
     """Training epochs."""
     batch_size: int = 8
     """Images per worker per step."""
