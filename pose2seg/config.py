@@ -143,9 +143,9 @@ class ModelConfig:
     templates_file: str = ""
     """Path or URI of templates in the official ``templates.json`` layout, used instead of
     fitting (``model.num_templates`` and ``model.template_shape`` are then ignored)."""
-    hidden_keypoints: str = "positive"
-    """Heatmap of a hidden (v = 1) keypoint: ``positive`` like a visible one, or ``negative``
-    (the official code)."""
+    hidden_keypoints: str = "negative"
+    """Heatmap of a hidden (v = 1) keypoint: ``negative`` (the official code; the default since
+    the ablation of issue 15) or ``positive`` like a visible one."""
     seg_block: str = "basic"
     """Residual unit of the SegModule: ``basic`` (two 3x3 convs, width seg_channels) or
     ``bottleneck`` (1x1 -> 3x3 -> 1x1, width seg_channels, output 4 x seg_channels; the
@@ -153,9 +153,9 @@ class ModelConfig:
     mask_head: str = "logit"
     """Mask output: ``logit`` (one logit, BCE) or ``two_class`` (two logits and their
     difference, so BCE equals the official 2-class cross-entropy)."""
-    heatmap_sigma_px: float = 2.0
+    heatmap_sigma_px: float = 3.0
     """Std of the keypoint confidence Gaussians, in aligned-frame pixels at S = 64 (scales with S)."""
-    paf_width_px: float = 1.5
+    paf_width_px: float = 1.0
     """Half-width of a limb in the part affinity fields, aligned-frame pixels at S = 64."""
     mask_threshold: float = 0.4
     """Probability above which a warped-back mask pixel belongs to the person."""
@@ -655,7 +655,9 @@ PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
 
 # Bump when the preprocessing code changes what it writes (template frame, features, schema):
 # old Parquet variants then stop matching instead of being silently reused.
-PREPROCESS_FORMAT_VERSION: int = 3
+# 4: the default of model.hidden_keypoints (a key that enters the variant key only when it
+# differs from the default) changed to negative; old variants must not match the new default.
+PREPROCESS_FORMAT_VERSION: int = 4
 
 
 def _coerce(key: str, value: Any) -> Any:

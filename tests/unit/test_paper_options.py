@@ -284,7 +284,7 @@ def test_new_keys_validate_and_enter_the_preprocess_key_only_when_set(tmp_path):
         ("model.template_shape", "aspect_kept"),
         ("model.mirror_templates", True),
         ("model.templates_file", str(templates_file)),
-        ("model.hidden_keypoints", "negative"),
+        ("model.hidden_keypoints", "positive"),
     ):
         assert base.with_overrides({key: value}).preprocess_key() != base.preprocess_key(), key
     # Training-side keys do not change the stored data.
