@@ -2,7 +2,8 @@
 
 What one Ray Train worker's data side does, without the model: the training loop's reader
 (``workflows.train_loop.iter_train_batches``: this epoch's seeded file slices of the preprocessed
-training Parquet streamed by Ray Data, with the loop's seeded local shuffle buffer), as the only
+training Parquet read by ``train.input_reader`` (a background thread by default, or Ray Data),
+with the loop's seeded local shuffle buffer), as the only
 worker (world 1), then
 ``workflows.train_loop._decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
 PersonBatch, consumed by ONE consumer in this process. Measured per epoch (median of
