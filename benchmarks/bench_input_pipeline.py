@@ -1,11 +1,11 @@
 """Benchmark of the training input pipeline against the model's step rate (a script, not a test).
 
 What one Ray Train worker's data side does, without the model: the training loop's reader
-(``workflows.train_loop.iter_train_batches``: this epoch's seeded file slices of the preprocessed
+(``workflows.train_input.iter_train_batches``: this epoch's seeded file slices of the preprocessed
 training Parquet read by ``train.input_reader`` (a background thread by default, or Ray Data),
 with the loop's seeded local shuffle buffer), as the only
 worker (world 1), then
-``workflows.train_loop._decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
+``workflows.train_input.decode_batch`` (PNG + arrays) and ``pose2seg.batch.collate`` into a
 PersonBatch, consumed by ONE consumer in this process. Measured per epoch (median of
 ``--epochs`` after a warm-up epoch) on a local Ray instance with ``--num-cpus`` CPUs:
 
@@ -45,13 +45,13 @@ def _iterate(files, config, *, epoch: int, decode: bool) -> dict:
     """One pass over ``ds`` as the training loop does: images, people and when the first batch
     arrived (``perf_counter``), to tell the per-epoch start-up from the steady rate."""
     from pose2seg.batch import collate
-    from workflows.train_loop import _decode_batch, iter_train_batches
+    from workflows.train_input import decode_batch, iter_train_batches
 
     images = people = first_images = 0
     first_at = None
     for batch_np in iter_train_batches(files, config=config, epoch=epoch, rank=0, world=1):
         if decode:
-            batch = collate(_decode_batch(batch_np), input_size=config.data.input_size)
+            batch = collate(decode_batch(batch_np), input_size=config.data.input_size)
             n, p = batch.num_images, batch.num_people
         else:
             n, p = len(batch_np["image_id"]), int(batch_np["num_people"].sum())
@@ -101,12 +101,12 @@ def bench_ray_pass(ds, config, *, epochs: int, decode: bool) -> dict:
 def bench_consumer(numpy_batches: list, config, *, repeats: int) -> dict:
     """decode + collate alone on batches held in memory (this process, CPU time)."""
     from pose2seg.batch import collate
-    from workflows.train_loop import _decode_batch
+    from workflows.train_input import decode_batch
 
     images = sum(len(b["image_id"]) for b in numpy_batches)
 
     def decode_all():
-        return [_decode_batch(b) for b in numpy_batches]
+        return [decode_batch(b) for b in numpy_batches]
 
     decoded = decode_all()
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from workflows.train_loop import prepare_data
+    from workflows.train_driver import prepare_data
 
     common.start_ray(args.num_cpus)
     try:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         bs = config.train.batch_size
-        from workflows.train_loop import iter_train_batches
+        from workflows.train_input import iter_train_batches
 
         numpy_batches = list(iter_train_batches(ds, config=config, epoch=0, rank=0, world=1))
     finally:
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from pose2seg.batch import collate
-    from workflows.train_loop import _decode_batch
+    from workflows.train_input import decode_batch
 
     batches = [
-        collate(_decode_batch(b), input_size=config.data.input_size) for b in numpy_batches[:4]
+        collate(decode_batch(b), input_size=config.data.input_size) for b in numpy_batches[:4]
     ]
     model = common.measure_train_steps(config, batches, steps=args.steps, warmup=args.warmup)
     ratio = full["samples_per_s_per_core"] / model["images_per_s_cpu"]

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from pose2seg.arch import build_model
     from pose2seg.checkpoint import save_checkpoint
-    from pose2seg.model import build_model
     from pose2seg.templates import fit_pose_templates
 
     machine = common.machine_info()

@@ -390,8 +390,8 @@ def build_training(config, device: str):
     """A fresh model (train mode) and its optimiser for ``config``, on ``device``."""
     import torch
 
+    from pose2seg.arch import build_model
     from pose2seg.engine import build_optimizer
-    from pose2seg.model import build_model
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, input_size=config.data.input_size).to(device).train()

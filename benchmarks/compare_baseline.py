@@ -1,6 +1,6 @@
 """Pose2Seg against the torchvision Mask R-CNN baseline, same data, config and training budget.
 
-Both models are trained by the same Ray Train + MLflow job (``workflows.train_loop.run_training``,
+Both models are trained by the same Ray Train + MLflow job (``workflows.train_driver.run_training``,
 the code behind ``workflows/train.py``), differing only in ``model.arch``: same epochs, batch
 size, workers, optimiser and schedule, same Parquet data, same backbone depth and FPN width,
 evaluated by the same pycocotools code on the same val split with GT keypoints for Pose2Seg.
@@ -60,7 +60,7 @@ def _finite(value: Any) -> float | None:
 
 
 def summarise(outcome: Any, *, wall_s: float) -> dict[str, Any]:
-    """The comparison figures of one training job (a ``workflows.train_loop.TrainOutcome``)."""
+    """The comparison figures of one training job (a ``workflows.train_driver.TrainOutcome``)."""
     m = outcome.metrics
     history = outcome.history or []
     best_epoch = m.get("best_epoch")
@@ -84,7 +84,7 @@ def summarise(outcome: Any, *, wall_s: float) -> dict[str, Any]:
 
 def compare(config: Config, *, archs: tuple[str, ...] = ARCHS) -> dict[str, dict[str, Any]]:
     """Train each arch with ``config`` (only ``model.arch`` differs) on an initialised Ray."""
-    from workflows.train_loop import new_run_name, prepare_data, run_training
+    from workflows.train_driver import new_run_name, prepare_data, run_training
 
     # Preprocess once (arch is not a preprocessing key: both read the same Parquet variant),
     # so neither wall time includes it.

@@ -71,9 +71,9 @@ def measure(config, batch, *, channels_last: bool, steps: int, profile_rows: int
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from pose2seg.arch import build_model
     from pose2seg.engine import build_optimizer
     from pose2seg.loss import mask_loss
-    from pose2seg.model import build_model
 
     torch.manual_seed(0)
     model = build_model(config.model, input_size=config.data.input_size).train()

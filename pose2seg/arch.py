@@ -14,11 +14,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from pose2seg.batch import collate
+from pose2seg.checkpoint import load_checkpoint
 from pose2seg.config import Config, ModelConfig
+from pose2seg.engine import train_step
+from pose2seg.inference import InputFrame, Predictor
+from pose2seg.input_frame import input_frame_keypoints, input_frame_size
+from pose2seg.maskrcnn import (
+    build_maskrcnn,
+    collate_detection,
+    detection_predict_results,
+    detection_train_step,
+)
+from pose2seg.model import Pose2Seg
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture", "build_model", "load_predictor"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +61,10 @@ class Architecture:
 
 
 def _pose2seg_collate(rows: list[dict], *, input_size: int):
-    from pose2seg.batch import collate
-
     return collate(rows, input_size=input_size)
 
 
 def _pose2seg_train_step(model, batch, optimizer, *, train_config, **kwargs) -> dict[str, float]:
-    from pose2seg.engine import train_step
-
     return train_step(model, batch, optimizer, dice_weight=train_config.dice_weight, **kwargs)
 
 
@@ -71,9 +80,6 @@ def _pose2seg_predict_rows(
     """Through the one prediction path (:meth:`pose2seg.inference.Predictor.predict_frames`):
     the stored input-frame image and the split's keypoints (image id -> (N,K,3) original
     frame); nothing else stored is used."""
-    from pose2seg.inference import InputFrame, Predictor
-    from pose2seg.input_frame import input_frame_keypoints, input_frame_size
-
     if not rows:
         return []
     if templates is None or keypoints is None:
@@ -109,34 +115,24 @@ def _pose2seg_predict_rows(
 
 
 def _pose2seg_build(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
-    from pose2seg.model import Pose2Seg
-
     return Pose2Seg(config=config)
 
 
 def _maskrcnn_build(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
-    from pose2seg.maskrcnn import build_maskrcnn
-
     return build_maskrcnn(config, input_size=input_size)
 
 
 def _maskrcnn_collate(rows: list[dict], *, input_size: int):
-    from pose2seg.maskrcnn import collate_detection
-
     return collate_detection(rows, input_size=input_size)
 
 
 def _maskrcnn_train_step(model, batch, optimizer, *, train_config, **kwargs) -> dict[str, float]:
     """Its own losses (torchvision's); ``train.dice_weight`` is Pose2Seg's only."""
-    from pose2seg.maskrcnn import detection_train_step
-
     return detection_train_step(model, batch, optimizer, **kwargs)
 
 
 def _maskrcnn_predict_rows(model, rows, *, config, device, templates=None, keypoints=None):
     """Detects people itself: keypoints and templates are not used."""
-    from pose2seg.maskrcnn import detection_predict_results
-
     return detection_predict_results(
         getattr(model, "module", model), rows, config=config, device=device
     )
@@ -177,3 +173,33 @@ def architecture(config: ModelConfig | Config) -> Architecture:
         raise ValueError(
             f"model.arch must be one of {sorted(ARCHITECTURES)}, got {model.arch!r}"
         ) from None
+
+
+def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
+    """The network of ``model.arch``: :class:`pose2seg.model.Pose2Seg`, or the torchvision
+    Mask R-CNN baseline.
+
+    Args:
+        config: the model section.
+        input_size: Mask R-CNN only: its internal resize (min and max side) is set to this so it
+            sees images at the same resolution as Pose2Seg; None keeps torchvision's 800/1333.
+    """
+    return architecture(config).build(config, input_size=input_size)
+
+
+def load_predictor(directory: str, *, device: str | torch.device = "cpu") -> Predictor:
+    """The :class:`pose2seg.inference.Predictor` of a checkpoint folder
+    (:mod:`pose2seg.checkpoint`): its network, pose templates, model config and input size;
+    the one way batch inference, the pyfunc and the Serve replica load a checkpoint."""
+    loaded = load_checkpoint(directory)
+    model = build_model(loaded.config.model)
+    model.load_state_dict(loaded.model_state)
+    predictor = Predictor(
+        model,
+        loaded.templates,
+        loaded.config.model,
+        device=device,
+        input_size=loaded.config.data.input_size,
+    )
+    predictor.training_config = loaded.config
+    return predictor

@@ -1,6 +1,6 @@
 """Pure torch step functions of training and evaluation (no Ray, no MLflow).
 
-The Ray Train loop in ``workflows/train_loop.py`` owns data loading, DDP, checkpoints and
+The Ray Train loop in ``workflows/train_worker.py`` owns data loading, DDP, checkpoints and
 reporting; it calls these for the maths of one step so they can be tested on their own.
 """
 

@@ -195,26 +195,6 @@ class Predictor:
         # The whole config the model was trained with, when loaded from a checkpoint.
         self.training_config: Config | None = None
 
-    @classmethod
-    def from_checkpoint(cls, directory: str, *, device: str | torch.device = "cpu") -> Predictor:
-        """The Predictor of a checkpoint folder (:mod:`pose2seg.checkpoint`): its network, pose
-        templates, model config and input size; what every serving path loads."""
-        from pose2seg.checkpoint import load_checkpoint
-        from pose2seg.model import build_model
-
-        loaded = load_checkpoint(directory)
-        model = build_model(loaded.config.model)
-        model.load_state_dict(loaded.model_state)
-        predictor = cls(
-            model,
-            loaded.templates,
-            loaded.config.model,
-            device=device,
-            input_size=loaded.config.data.input_size,
-        )
-        predictor.training_config = loaded.config
-        return predictor
-
     def predict(
         self,
         image: np.ndarray,

@@ -20,7 +20,6 @@ __all__ = [
     "Pose2Seg",
     "ResidualUnit",
     "SegModule",
-    "build_model",
     "count_parameters",
 ]
 
@@ -213,20 +212,6 @@ class Pose2Seg(nn.Module):
             )
             aligned = torch.cat([aligned, picked.to(aligned.dtype)], dim=1)
         return self.seg(aligned)
-
-
-def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Module:
-    """The network of ``model.arch`` (:func:`pose2seg.arch.architecture`): :class:`Pose2Seg`,
-    or the torchvision Mask R-CNN baseline.
-
-    Args:
-        config: the model section.
-        input_size: Mask R-CNN only: its internal resize (min and max side) is set to this so it
-            sees images at the same resolution as Pose2Seg; None keeps torchvision's 800/1333.
-    """
-    from pose2seg.arch import architecture
-
-    return architecture(config).build(config, input_size=input_size)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

@@ -143,7 +143,7 @@ def trained(ray_session, tmp_path_factory):
     """One tiny real training run (2 Ray Train workers, SQLite MLflow, registry), shared by
     the integration tests that inspect, evaluate or serve what it produced."""
     from tests.helpers import tiny_config
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     tmp_path = tmp_path_factory.mktemp("train")
     config = tiny_config(tmp_path)

@@ -138,16 +138,14 @@ class PredictorActor:
         import ray
         import torch
 
-        from pose2seg.inference import Predictor
+        from pose2seg.arch import load_predictor
 
         torch.set_num_threads(max(1, num_threads))
         self.margin_fraction = float(margin_fraction)
         # The files travel once through the object store (wrapped in a list so Ray hands the
         # reference over instead of inlining megabytes of weights into the actor's arguments).
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.from_checkpoint(
-            unpack_dir(ray.get(checkpoint_ref[0])), device=device
-        )
+        self.predictor = load_predictor(unpack_dir(ray.get(checkpoint_ref[0])), device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from pose2seg.keypoint_checks import describe_outside_keypoints

@@ -2,7 +2,7 @@
 splits, a split's ground truth under the evaluation protocol, keypoints from the ground truth
 or a keypoint-results file, MaxIoU, the metrics of a split, the tables and overlays.
 
-Training-time validation (``workflows/train_loop.validate``) and ``evaluate.py`` both build
+Training-time validation (``workflows.train_validation.validate``) and ``evaluate.py`` both build
 their ground truth with :func:`protocol_gt` and their metrics with :func:`split_metrics`, and
 their predictions with :class:`pose2seg.inference.Predictor` on :func:`gt_keypoints`: the val AP
 that picks checkpoints and moves the registry alias is the AP ``evaluate.py`` reports.

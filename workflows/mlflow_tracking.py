@@ -263,8 +263,8 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     import mlflow
     import mlflow.pytorch
 
+    from pose2seg.arch import build_model
     from pose2seg.checkpoint import TRAINING_FILE, load_checkpoint
-    from pose2seg.model import build_model
     from workflows.pyfunc_model import Pose2SegPyfunc, pyfunc_signature
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -88,10 +88,10 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pose2seg.inference import Predictor
+        from pose2seg.arch import load_predictor
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device=device)
+        self.predictor = load_predictor(context.artifacts["checkpoint"], device=device)
         self.config = self.predictor.training_config
 
     def predict(self, context, model_input, params=None):

@@ -189,7 +189,7 @@ class Pose2SegServer:
     def __init__(self, model_ref: str, config_flat: dict[str, Any], tracking_uri: str | None):
         import torch
 
-        from pose2seg.inference import Predictor
+        from pose2seg.arch import load_predictor
 
         self.config = Config.from_flat(config_flat)
         s = self.config.serve
@@ -198,7 +198,7 @@ class Pose2SegServer:
         self._work = tempfile.TemporaryDirectory(prefix="pose2seg-serve-")
         checkpoint_dir, self.model_version = resolve_model(model_ref, tracking_uri, self._work.name)
         self.model_ref = model_ref
-        self.predictor = Predictor.from_checkpoint(checkpoint_dir, device=self.device)
+        self.predictor = load_predictor(checkpoint_dir, device=self.device)
         self.detector = None
         self.segment.set_max_batch_size(s.max_batch_size)
         self.segment.set_batch_wait_timeout_s(s.batch_wait_timeout_s)

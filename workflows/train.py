@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    from workflows.train_loop import check_new_run_name, check_resumable, run_training
+    from workflows.train_driver import check_new_run_name, check_resumable, run_training
 
     if args.resume:
         config = config.with_overrides({"train.run_name": args.resume})

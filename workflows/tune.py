@@ -5,7 +5,7 @@
     python workflows/tune.py --config configs/X.yaml --set tune.name=NAME   # resumes NAME if it exists
     python workflows/tune.py --config configs/X.yaml --resume NAME          # NAME must exist
 
-Each trial is a Ray Train run (``workflows.train_loop.build_trainer``) driven from a Tune trial,
+Each trial is a Ray Train run (``workflows.train_driver.build_trainer``) driven from a Tune trial,
 reported to Tune per epoch (ASHA stops weak trials on val AP), logged as an MLflow child run of
 one parent run. At the end: an ablation table (markdown + CSV) and a plot, logged to MLflow and
 written to ``eval.output_dir``, and the best trial's model registered (alias moved only if it
@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pose2seg.config import PREPROCESS_KEYS, PREPROCESS_KEYS_IF_SET, Config  # noqa: E402
+from workflows.ablation_report import write_ablation_report  # noqa: E402
 from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 from workflows.coco_metrics import VAL_METRIC  # noqa: E402
 
@@ -70,7 +71,7 @@ def trial_driver(params: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows import mlflow_tracking as tracking
-    from workflows.train_loop import build_trainer, prepare_data
+    from workflows.train_driver import build_trainer, prepare_data
 
     base = Config.from_flat(params["__base"])
     overrides = trial_overrides(base, params)
@@ -122,7 +123,7 @@ class TuneOutcome:
 
 
 def _storage(config: Config) -> tuple[str, Any]:
-    from workflows.train_loop import _storage_filesystem, _storage_path
+    from workflows.train_driver import _storage_filesystem, _storage_path
 
     return _storage_path(config.train.storage_path), _storage_filesystem(config.train.storage_path)
 
@@ -164,9 +165,10 @@ def run_tune(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pose2seg.model import build_model, count_parameters
+    from pose2seg.arch import build_model
+    from pose2seg.model import count_parameters
     from workflows import mlflow_tracking as tracking
-    from workflows.train_loop import new_run_name, prepare_data
+    from workflows.train_driver import new_run_name, prepare_data
 
     for variant in preprocessing_variants(config):
         prepare_data(variant)  # preprocess each data variant once, before trials race for it
@@ -349,88 +351,6 @@ def root_cause(error: BaseException) -> str:
     lines = [ln.strip() for ln in str(error).splitlines()]
     causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
     return (causes[-1] if causes else f"{type(error).__name__}: {lines[0] if lines else ''}")[:300]
-
-
-def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: str) -> None:
-    """``ablation.csv``, ``ablation.md`` and ``ablation.png`` (AP per option value)."""
-    import csv
-
-    os.makedirs(out_dir, exist_ok=True)
-    columns = [
-        "trial",
-        *keys,
-        "status",
-        "epochs",
-        VAL_METRIC,
-        "val_occluded_segm_ap",
-        "train_seconds",
-        "parameters",
-    ]
-    with open(os.path.join(out_dir, "ablation.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "n/a" if v != v else f"{v:.4f}" if abs(v) < 10 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in sorted(
-        rows, key=lambda r: -(r[VAL_METRIC] if r[VAL_METRIC] == r[VAL_METRIC] else -1)
-    ):
-        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
-    # Per option: the mean AP of the trials that used each value (the paper's ablation view).
-    lines.append("")
-    lines.append("| option | value | trials | mean val AP | mean occluded AP |")
-    lines.append("|---|---|---|---|---|")
-    per_option = []
-    for key in keys:
-        for value in sorted({json.dumps(r.get(key)) for r in rows}):
-            sel = [r for r in rows if json.dumps(r.get(key)) == value and r["status"] == "OK"]
-            aps = [r[VAL_METRIC] for r in sel if r[VAL_METRIC] == r[VAL_METRIC]]
-            occ = [
-                r["val_occluded_segm_ap"]
-                for r in sel
-                if r["val_occluded_segm_ap"] == r["val_occluded_segm_ap"]
-            ]
-            mean_ap = sum(aps) / len(aps) if aps else float("nan")
-            mean_occ = sum(occ) / len(occ) if occ else float("nan")
-            per_option.append((f"{key}={json.loads(value)}", mean_ap, mean_occ))
-            lines.append(
-                f"| {key} | {json.loads(value)} | {len(sel)} | {fmt(mean_ap)} | {fmt(mean_occ)} |"
-            )
-    with open(os.path.join(out_dir, "ablation.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(per_option)), 3.5))
-    labels = [p[0] for p in per_option]
-    xs = range(len(per_option))
-    ax.bar(
-        [x - 0.2 for x in xs],
-        [0 if p[1] != p[1] else p[1] for p in per_option],
-        width=0.4,
-        label="val AP",
-    )
-    ax.bar(
-        [x + 0.2 for x in xs],
-        [0 if p[2] != p[2] else p[2] for p in per_option],
-        width=0.4,
-        label="occluded AP",
-    )
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("segm AP (mean over trials)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "ablation.png"), dpi=100)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_maskrcnn_trains_through_the_ray_loop_and_logs_to_mlflow(ray_session, tmp_path):
     from mlflow import MlflowClient
 
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = tiny_config(
         tmp_path,

@@ -42,10 +42,10 @@ def _validation_masks(config, checkpoint_path: str) -> dict[tuple[int, int], dic
     training-time validation calls (``predict_rows``) with the checkpoint's weights."""
     import torch
 
+    from pose2seg.arch import build_model
     from pose2seg.checkpoint import load_checkpoint
-    from pose2seg.model import build_model
     from preprocessing.pipeline import load_split
-    from workflows.train_loop import load_validation_data, predict_rows
+    from workflows.train_validation import load_validation_data, predict_rows
 
     loaded = load_checkpoint(checkpoint_path)
     model = build_model(loaded.config.model)
@@ -126,11 +126,11 @@ def test_validation_ap_is_evaluate_ap_on_the_real_coco_sample(trained, coco_samp
     against evaluate.py on its files, for the same checkpoint."""
     import torch
 
+    from pose2seg.arch import build_model
     from pose2seg.checkpoint import load_checkpoint
-    from pose2seg.model import build_model
     from preprocessing.pipeline import load_split, preprocess_dataset
     from workflows.evaluate import run_evaluate
-    from workflows.train_loop import load_validation_data, validate
+    from workflows.train_validation import load_validation_data, validate
 
     config, outcome = trained
     checkpoint = _offset_checkpoint(outcome.checkpoint_path, tmp_path / "checkpoint", 2.0)

@@ -264,7 +264,7 @@ def test_an_interrupted_run_resumes_into_the_same_mlflow_run(ray_session, tmp_pa
     from mlflow import MlflowClient
 
     from tests.helpers import kill_a_train_worker
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = tiny_config(
         tmp_path, **{"train.epochs": 3, "train.max_failures": 0, "registry.register": False}

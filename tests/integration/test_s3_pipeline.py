@@ -145,7 +145,7 @@ def _run_pipeline(spec: dict) -> dict:
     from workflows.cli import init_ray
     from workflows.evaluate import run_evaluate
     from workflows.preprocess import run_preprocess
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = Config.from_flat(spec["config"])
     init_ray(num_cpus=2, dashboard=False, progress_bars=False)

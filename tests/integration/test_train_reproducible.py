@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_same_seed_same_losses_other_seed_other_losses(ray_session, tmp_path):
     from mlflow import MlflowClient
 
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = tiny_config(
         tmp_path,
@@ -45,7 +45,8 @@ def test_thread_and_ray_data_readers_give_the_same_batches(ray_session, tmp_path
     per epoch (so the default can change without changing what a run trains on)."""
     import numpy as np
 
-    from workflows.train_loop import _decode_batch, iter_train_batches, prepare_data
+    from workflows.train_driver import prepare_data
+    from workflows.train_input import decode_batch, iter_train_batches
 
     config = tiny_config(tmp_path, **{"train.shuffle_buffer_size": 4})
     files = prepare_data(config).train_files
@@ -54,7 +55,7 @@ def test_thread_and_ray_data_readers_give_the_same_batches(ray_session, tmp_path
     def batches(reader, epoch, rank):
         cfg = config.with_overrides({"train.input_reader": reader})
         out = iter_train_batches(files, config=cfg, epoch=epoch, rank=rank, world=2)
-        return [_decode_batch(b) for b in out]
+        return [decode_batch(b) for b in out]
 
     orders = []
     for epoch in (0, 1):

@@ -94,7 +94,7 @@ def test_alias_moves_only_for_a_better_model(trained):
 
 def test_a_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
     from tests.helpers import kill_a_train_worker
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = tiny_config(tmp_path, **{"train.epochs": 4, "registry.register": False})
     with kill_a_train_worker(tmp_path / "runs", after_epoch=1) as kill:
@@ -107,7 +107,7 @@ def test_a_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_p
 
 
 def test_resume_continues_a_finished_run_without_retraining(ray_session, tmp_path):
-    from workflows.train_loop import run_training
+    from workflows.train_driver import run_training
 
     config = tiny_config(tmp_path, **{"train.epochs": 1, "registry.register": False})
     first = run_training(config)

@@ -173,7 +173,7 @@ def test_everything_off_returns_the_batch_untouched_and_the_loop_skips_it():
     off = AugmentSettings(roi_size=S, sigma_px=2.0, width_px=1.5)
     assert not off.enabled
     assert augment_batch(batch, None, settings=off, generator=step_generator(0, 0, 0)) is batch
-    from workflows.train_loop import build_augmenter
+    from workflows.train_input import build_augmenter
 
     assert build_augmenter(Config(), rank=0) is None
     paper = Config().with_overrides({"train.augment_rotation_deg": 30.0})

@@ -109,7 +109,7 @@ def test_preprocess_key_tracks_only_data_affecting_keys():
 
 
 def test_worker_threads_follow_the_cpu_share_unless_set():
-    from workflows.train_loop import worker_threads
+    from workflows.train_input import worker_threads
 
     assert worker_threads(Config()) == 1  # 0.5 CPU -> at least one thread
     assert worker_threads(Config().with_overrides({"train.cpus_per_worker": 4})) == 4

@@ -79,7 +79,7 @@ class _Clock:
 
 
 def test_progress_prints_by_steps_and_time_with_eta():
-    from workflows.train_loop import EpochProgress
+    from workflows.train_progress import EpochProgress
 
     cfg = Config().with_overrides(
         {"train.epochs": 3, "train.progress_every_steps": 4, "train.progress_every_seconds": 30}
@@ -121,7 +121,7 @@ def test_progress_prints_by_steps_and_time_with_eta():
 
 
 def test_progress_is_silent_off_rank_zero():
-    from workflows.train_loop import EpochProgress
+    from workflows.train_progress import EpochProgress
 
     cfg = Config().with_overrides({"train.progress_every_steps": 1})
     progress = EpochProgress(

@@ -122,9 +122,9 @@ def test_workflow_loader_reads_a_local_state_dict_and_names_bad_files(tmp_path):
 
 def test_detected_people_go_through_the_predictors_usual_path(random_rcnn):
     """People with 1-2 usable keypoints are aligned by the fallback; none: no mask."""
+    from pose2seg.arch import build_model
     from pose2seg.config import ModelConfig
     from pose2seg.inference import Predictor
-    from pose2seg.model import build_model
 
     image = _image()
     found = KeypointDetector(random_rcnn, keypoint_score_threshold=-1e9).detect(image)

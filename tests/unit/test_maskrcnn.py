@@ -9,6 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from pose2seg.arch import build_model
 from pose2seg.config import Config, ModelConfig
 from pose2seg.maskrcnn import (
     MAX_DETECTIONS_PER_IMAGE,
@@ -17,7 +18,6 @@ from pose2seg.maskrcnn import (
     detection_train_step,
     resize_to_original,
 )
-from pose2seg.model import build_model
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 from preprocessing.schema import decode_row, encode_image_row
 

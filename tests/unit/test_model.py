@@ -9,10 +9,11 @@ import pytest
 import torch
 import torchvision
 
+from pose2seg.arch import build_model
 from pose2seg.batch import collate
 from pose2seg.config import ModelConfig
 from pose2seg.loss import check_finite, dice_loss, mask_loss
-from pose2seg.model import Pose2Seg, build_model, count_parameters
+from pose2seg.model import Pose2Seg, count_parameters
 from pose2seg.skeleton import NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
 
 torch.set_num_threads(2)

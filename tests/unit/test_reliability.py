@@ -350,7 +350,7 @@ def test_every_command_turns_a_bad_config_into_exit_2(script, capsys):
 
 def test_resume_of_an_unknown_run_fails_at_once_listing_the_runs(tmp_path, capsys):
     from workflows import train
-    from workflows.train_loop import RunNotFoundError, check_resumable
+    from workflows.train_driver import RunNotFoundError, check_resumable
 
     storage_path = tmp_path / "runs"
     (storage_path / "pose2seg-a").mkdir(parents=True)

@@ -1,0 +1,341 @@
+"""The training job's driver, run in the job's own process (``train.py``, each Tune trial,
+the benchmarks): :func:`prepare_data` (preprocess if needed, open the Parquet splits),
+:func:`build_trainer` (a ``TorchTrainer`` over :func:`workflows.train_worker.train_loop_per_worker`)
+and :func:`run_training` (the whole job: MLflow run, fit, model logging and registration), with
+the run names, storage paths and resume checks they need."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pose2seg.config import Config
+from workflows.coco_metrics import VAL_METRIC
+from workflows.train_validation import load_validation_data
+from workflows.train_worker import train_loop_per_worker
+
+
+@dataclass
+class PreparedData:
+    """The preprocessed splits and what the loop needs to know about them."""
+
+    train: Any  # ray.data.Dataset
+    val: Any  # ray.data.Dataset
+    templates: np.ndarray
+    num_train_images: int
+    summary: Any = None
+    train_files: list[tuple[str, int]] = field(default_factory=list)
+    """Every training Parquet file with its row count (the per-epoch reader's manifest)."""
+
+
+def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
+    """Generate (synthetic) and preprocess the dataset if needed; open both Parquet splits."""
+    from preprocessing.epoch_reader import list_parquet, whole_split_dataset
+    from preprocessing.pipeline import (
+        READ_CPUS,
+        load_split,
+        load_templates,
+        preprocess_dataset,
+        processed_dir,
+    )
+
+    summary = preprocess_dataset(config, force=force)
+
+    train = load_split(config, "train")
+    # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
+    train_files = list_parquet(processed_dir(config, "train"))
+    # The val split is read by every worker every epoch: materialise it once in the object
+    # store instead of re-running its read tasks (which also compete for CPUs) each time.
+    # Read from a file list (no Ray Data Parquet listing: its footer-reader actors are each a
+    # new worker process).
+    val = whole_split_dataset(
+        processed_dir(config, "val"),
+        read_cpus=READ_CPUS,
+        concurrency=2,
+        runtime_env=_runtime_env(),
+    ).materialize()
+    templates = load_templates(config)
+    return PreparedData(
+        train=train,
+        val=val,
+        templates=templates.astype(np.float32),
+        num_train_images=sum(n for _, n in train_files),
+        summary=summary,
+        train_files=train_files,
+    )
+
+
+def steps_per_epoch(config: Config, num_train_images: int) -> int:
+    # Every worker trains on the same number of rows (preprocessing.epoch_reader); the last
+    # batch may be short.
+    per_worker = num_train_images // config.train.num_workers
+    return max(1, math.ceil(per_worker / config.train.batch_size))
+
+
+def build_trainer(
+    config: Config,
+    data: PreparedData,
+    *,
+    run_name: str,
+    mlflow: Any,  # mlflow_tracking.RunHandle of the job's run, or None
+    callbacks: list | None = None,
+):
+    """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {
+        # Plain picklable objects: the typed config and the (T,K,2) float32 templates.
+        "config": config,
+        "templates": np.asarray(data.templates, dtype=np.float32),
+        "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
+        "train_files": [[u, int(n)] for u, n in data.train_files],
+        "read_runtime_env": _runtime_env(),
+        # Validation scores against the val annotation file as evaluate.py reads it: read
+        # once here and handed to the workers through the object store (a list, so Ray passes
+        # the reference instead of resolving it into the config).
+        "val_data": [ray.put(load_validation_data(config))],
+        "mlflow": mlflow,
+    }
+    resources = {"CPU": config.train.cpus_per_worker}
+    if config.train.use_gpu:
+        resources["GPU"] = 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=config.train.num_workers,
+        use_gpu=config.train.use_gpu,
+        resources_per_worker=resources,
+    )
+    run_config = ray.train.RunConfig(
+        name=run_name,
+        storage_path=_storage_path(config.train.storage_path),
+        storage_filesystem=_storage_filesystem(config.train.storage_path),
+        failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=config.train.num_to_keep,
+            checkpoint_score_attribute=VAL_METRIC,
+            checkpoint_score_order="max",
+        ),
+        callbacks=callbacks,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        # Training input is read per epoch and per rank (iter_train_batches); only the
+        # materialised val split goes through Ray Train, whole to every worker.
+        datasets={"val": data.val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    from preprocessing.pipeline import _runtime_env as read_env
+
+    return read_env()
+
+
+def _storage_path(path: str) -> str:
+    if "://" in path:
+        from preprocessing.storage import pyarrow_filesystem
+
+        _, stripped = pyarrow_filesystem(path)
+        return stripped
+    return os.path.abspath(path)
+
+
+def _storage_filesystem(path: str):
+    if "://" in path:
+        from preprocessing.storage import pyarrow_filesystem
+
+        fs, _ = pyarrow_filesystem(path)
+        return fs
+    return None
+
+
+def new_run_name(prefix: str = "pose2seg") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class TrainOutcome:
+    """What a training job produced (printed by train.py, asserted by tests)."""
+
+    run_name: str
+    mlflow_run_id: str | None
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    checkpoint_path: str | None
+    model_uri: str | None = None
+    registration: Any = None
+    tracking_uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def best_checkpoint(result):
+    """The best checkpoint by val AP, falling back to the last one."""
+    best = None
+    try:
+        best = result.get_best_checkpoint(VAL_METRIC, "max")
+    except Exception:  # pragma: no cover - older result objects
+        best = None
+    return best or result.checkpoint
+
+
+class RunNotFoundError(FileNotFoundError):
+    """``--resume NAME`` names no run under ``train.storage_path`` (exit code 2)."""
+
+
+def existing_runs(config: Config) -> list[str]:
+    """Names of the runs (and Tune searches) under ``train.storage_path``."""
+    from preprocessing.storage import list_dirs
+
+    return list_dirs(_storage_uri(config.train.storage_path))
+
+
+def _storage_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def check_resumable(config: Config, name: str) -> None:
+    """Raise :class:`RunNotFoundError` (one line listing the runs there) unless a run named
+    ``name`` exists under ``train.storage_path``."""
+    runs = existing_runs(config)
+    if name in runs:
+        return
+    where = _storage_uri(config.train.storage_path)
+    shown = ", ".join(runs[-20:]) if runs else "none"
+    more = f" (last 20 of {len(runs)})" if len(runs) > 20 else ""
+    raise RunNotFoundError(
+        f"cannot resume {name!r}: no run of that name under train.storage_path={where}; "
+        f"runs there{more}: {shown}"
+    )
+
+
+def check_new_run_name(config: Config, name: str) -> None:
+    """A new run must not reuse a stored run's name: Ray Train would silently continue it."""
+    if name in existing_runs(config):
+        raise FileExistsError(
+            f"a run named {name!r} already exists under train.storage_path="
+            f"{_storage_uri(config.train.storage_path)}; continue it with --resume {name} "
+            "or choose another train.run_name"
+        )
+
+
+def run_training(
+    config: Config,
+    *,
+    resume: str | None = None,
+    register: bool | None = None,
+    parent_run_id: str | None = None,
+) -> TrainOutcome:
+    """The whole training job on an already-initialised Ray: data, MLflow run, fit, model
+    logging and registration.
+
+    ``resume``: the name of a run under ``train.storage_path`` to continue from its last
+    checkpoint (:class:`RunNotFoundError` at once when there is none); its MLflow run (found by
+    the ``pose2seg.run_name`` tag) is reopened, so a job has one run and one metric history.
+    Without ``resume``, a ``train.run_name`` that already exists is an error (FileExistsError).
+    An interrupted fit ends the MLflow run (KILLED / FAILED) before the error propagates; a
+    run whose driver was killed outright is ended by the next job on the host
+    (:func:`workflows.mlflow_tracking.end_orphaned_runs`) or continued by ``--resume``."""
+    from workflows import mlflow_tracking as tracking
+
+    run_name = resume or config.train.run_name or new_run_name()
+    if resume:
+        check_resumable(config, resume)
+    else:
+        check_new_run_name(config, run_name)
+    for run_id in tracking.end_orphaned_runs(config):
+        print(f"[pose2seg] ended MLflow run {run_id}: its driver process is gone", flush=True)
+    data = prepare_data(config)
+    tags = {
+        "pose2seg.kind": "train",
+        "pose2seg.preprocess_key": config.preprocess_key(),
+        "pose2seg.resumed": str(bool(resume)),
+    }
+    handle = None
+    if resume:
+        handle = tracking.continue_run(
+            config, run_name=run_name, extra_filter="tags.`pose2seg.kind` = 'train'", tags=tags
+        )
+        if handle is not None:
+            print(f"[pose2seg] continuing MLflow run {handle.run_id} of {run_name}", flush=True)
+        else:
+            print(
+                f"[pose2seg] no MLflow run of {run_name} in this tracking store: starting one",
+                flush=True,
+            )
+    if handle is None:
+        handle = tracking.start_run(
+            config, run_name=run_name, parent_run_id=parent_run_id, tags=tags
+        )
+    print(
+        f"[pose2seg] MLflow run {handle.run_id} in {tracking.redact_uri(handle.tracking_uri)}",
+        flush=True,
+    )
+    trainer = build_trainer(
+        config,
+        data,
+        run_name=run_name,
+        mlflow=handle,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        # Never leave the run RUNNING: KILLED for an interruption (Ctrl-C, SIGTERM from
+        # `ray job stop`), FAILED for an error. `--resume` reopens it.
+        interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
+        tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        print(
+            f"[pose2seg] run {run_name} {'interrupted' if interrupted else 'failed'}; "
+            f"continue it with --resume {run_name}",
+            flush=True,
+        )
+        raise
+    ckpt = best_checkpoint(result)
+    metrics = dict(result.metrics or {})
+    history = (
+        (result.return_value or {}).get("history", []) if hasattr(result, "return_value") else []
+    )
+    outcome = TrainOutcome(
+        run_name=run_name,
+        mlflow_run_id=handle.run_id,
+        metrics=metrics,
+        history=history,
+        checkpoint_path=ckpt.path if ckpt else None,
+        tracking_uri=handle.tracking_uri,
+    )
+    do_register = config.registry.register if register is None else register
+    if ckpt is not None:
+        with ckpt.as_directory() as ckpt_dir:
+            from pose2seg.checkpoint import load_checkpoint
+
+            best_state = load_checkpoint(ckpt_dir).state
+            best_ap = float(best_state.get("metrics", {}).get(VAL_METRIC, float("nan")))
+            outcome.metrics["best_val_segm_ap"] = best_ap
+            outcome.metrics["best_epoch"] = best_state.get("epoch")
+            tracking.log_metrics(
+                handle, {"best_val_segm_ap": best_ap}, step=int(best_state.get("epoch", 0))
+            )
+            from pose2seg.arch import architecture
+
+            if architecture(config).servable:
+                outcome.model_uri = tracking.log_pose2seg_model(handle, ckpt_dir)
+            else:
+                # The Mask R-CNN baseline is trained for comparison only: its metrics and
+                # checkpoint are kept, but it is not served by the pose-based pyfunc.
+                tracking.log_artifact_file(handle, os.path.join(ckpt_dir, "model.pt"), "baseline")
+        if do_register and outcome.model_uri:
+            outcome.registration = tracking.register_if_better(
+                config, handle, outcome.model_uri, val_ap=best_ap
+            )
+    tracking.end_run(handle)
+    return outcome

@@ -1,0 +1,136 @@
+"""The training input of one Ray Train worker: its seeded Parquet slices per epoch
+(:func:`train_stream`, :func:`iter_train_batches`), decoded and collated into batches, the
+per-person augmentation (:func:`build_augmenter`), the worker's thread count and a local copy of
+remote backbone weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Any
+
+import numpy as np
+
+from pose2seg.config import Config
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Decoded rows (:func:`preprocessing.schema.decode_row`) of a numpy batch of stored rows."""
+    from preprocessing.schema import decode_row
+
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [decode_row({k: batch[k][i] for k in keys}) for i in range(n)]
+
+
+def local_pretrained_backbone(config: Config) -> Config:
+    """The config with an ``s3://`` (any URI) ``model.pretrained_backbone`` copied to a local
+    file, since ``pose2seg`` reads local files only; other values are returned unchanged."""
+    source = config.model.pretrained_source
+    if "://" not in source:
+        return config
+    import hashlib
+
+    from preprocessing.storage import read_bytes
+
+    name = hashlib.sha256(source.encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "pose2seg-weights", f"{name}.pt")
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        partial = f"{local}.{uuid.uuid4().hex}.part"
+        with open(partial, "wb") as fh:
+            fh.write(read_bytes(source))
+        os.replace(partial, local)  # atomic: workers of one machine may race
+    return config.with_overrides({"model.pretrained_backbone": local})
+
+
+def build_augmenter(config: Config, *, rank: int):
+    """The per-person training augmentation of ``train.augment_*`` / ``train.occlusion_*`` as
+    ``augment(batch, rows, step) -> batch``, or None when every option is off (or for the
+    Mask R-CNN baseline): then training is exactly what it is without augmentation."""
+    from pose2seg.arch import architecture
+    from pose2seg.augment import AugmentSettings, augment_batch, step_generator
+
+    settings = AugmentSettings.from_config(config)
+    if not settings.enabled or not architecture(config).person_augmentation:
+        return None
+
+    def augment(batch, rows: list[dict[str, Any]], step: int):
+        import torch
+
+        from preprocessing.schema import input_frame_masks
+
+        masks = None
+        if settings.geometric:
+            masks = torch.from_numpy(input_frame_masks(rows, input_size=config.data.input_size)).to(
+                batch.affines.device
+            )
+        generator = step_generator(config.train.seed, rank, step)
+        return augment_batch(batch, masks, settings=settings, generator=generator)
+
+    return augment
+
+
+def worker_threads(config: Config) -> int:
+    """Torch CPU threads of a training worker: ``train.torch_threads``, or its CPU share."""
+    if config.train.torch_threads > 0:
+        return config.train.torch_threads
+    return max(1, int(round(config.train.cpus_per_worker)))
+
+
+def train_stream(
+    train_files: list[tuple[str, int]],
+    *,
+    config: Config,
+    first_epoch: int,
+    rank: int,
+    world: int,
+    runtime_env: dict[str, Any] | None = None,
+):
+    """This rank's training input from ``first_epoch`` to the last epoch, one stream for the
+    run (:class:`preprocessing.epoch_reader.RankStream`, read by ``train.input_reader``): each
+    epoch its share of a seeded file order, through a seeded local shuffle buffer."""
+    from preprocessing.epoch_reader import RankStream, preserve_order
+    from preprocessing.pipeline import READ_CPUS
+
+    if config.train.input_reader == "ray_data":
+        preserve_order()
+    return RankStream(
+        train_files,
+        seed=config.train.seed,
+        first_epoch=first_epoch,
+        epochs=config.train.epochs,
+        rank=rank,
+        world=world,
+        read_cpus=READ_CPUS,
+        concurrency=config.train.read_concurrency,
+        runtime_env=runtime_env,
+        reader=config.train.input_reader,
+    )
+
+
+def iter_train_batches(
+    train_files: list[tuple[str, int]],
+    *,
+    config: Config,
+    epoch: int,
+    rank: int,
+    world: int,
+    runtime_env: dict[str, Any] | None = None,
+):
+    """This rank's training batches of one epoch (dicts of per-column arrays), the same the
+    loop gets for that epoch. Same config, seed and epoch -> same batches."""
+    stream = train_stream(
+        train_files,
+        config=config.with_overrides({"train.epochs": epoch + 1}),
+        first_epoch=epoch,
+        rank=rank,
+        world=world,
+        runtime_env=runtime_env,
+    )
+    yield from stream.epoch(
+        epoch,
+        batch_size=config.train.batch_size,
+        buffer_size=config.train.shuffle_buffer_size,
+    )

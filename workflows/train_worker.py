@@ -1,0 +1,306 @@
+"""The Ray Train worker loop (:func:`train_loop_per_worker`), run in every training worker
+process: its fixed parts (:class:`Worker`), its state saved and restored whole
+(:class:`TrainState`), one epoch of optimisation (:func:`train_epoch`) and the epoch's end
+(:func:`end_epoch`: validation, checkpoint, report, MLflow metrics on rank 0)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pose2seg.config import Config
+from workflows.coco_metrics import VAL_METRIC
+from workflows.train_input import (
+    build_augmenter,
+    decode_batch,
+    local_pretrained_backbone,
+    train_stream,
+    worker_threads,
+)
+from workflows.train_progress import EpochProgress, say
+from workflows.train_validation import ValidationData, load_validation_data, validate
+
+
+@dataclass
+class TrainState:
+    """What a worker trains, saved and restored whole: one checkpoint per epoch holds it all
+    (with the config and the templates, so a checkpoint is also the model artifact)."""
+
+    model: Any  # nn.Module (DDP-wrapped once prepared)
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16 on GPU, else None
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimiser steps done
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: Config, *, total_steps: int, amp_dtype) -> TrainState:
+        import torch
+
+        from pose2seg.arch import build_model
+        from pose2seg.engine import build_lr_schedule, build_optimizer
+
+        model = build_model(
+            local_pretrained_backbone(config).model, input_size=config.data.input_size
+        )
+        optimizer = build_optimizer(model, config.train)
+        scheduler = build_lr_schedule(optimizer, config.train, total_steps)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        return cls(model, optimizer, scheduler, scaler)
+
+    def restore(self, ckpt_dir: str) -> None:
+        from pose2seg.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(ckpt_dir, with_training_state=True)
+        self.model.load_state_dict(loaded.model_state)
+        if loaded.training_state:
+            self.optimizer.load_state_dict(loaded.training_state["optimizer"])
+            self.scheduler.load_state_dict(loaded.training_state["scheduler"])
+            if self.scaler is not None and loaded.training_state.get("scaler"):
+                self.scaler.load_state_dict(loaded.training_state["scaler"])
+        self.epoch = int(loaded.state.get("epoch", 0))
+        self.step = int(loaded.state.get("step", 0))
+        self.history = list(loaded.state.get("history", []))
+
+    def save(self, directory: str, *, config: Config, templates: np.ndarray, metrics) -> None:
+        from pose2seg.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            directory,
+            model=self.model,
+            config=config,
+            templates=templates,
+            state={
+                "epoch": self.epoch,
+                "step": self.step,
+                "metrics": metrics,
+                "history": self.history,
+            },
+            training_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            },
+        )
+
+
+@dataclass
+class Worker:
+    """What stays fixed on a worker for the whole run."""
+
+    config: Config
+    templates: np.ndarray
+    arch: Any  # pose2seg.arch.Architecture
+    rank: int
+    world: int
+    device: Any
+    amp_dtype: Any
+    steps_per_epoch: int
+    augmenter: Any  # build_augmenter(...) or None
+    val_shard: Any
+    val_data: ValidationData
+    handle: Any  # RunHandle on rank 0 when the run is tracked, else None
+    run_t0: float = field(default_factory=time.time)
+
+
+@dataclass
+class EpochStats:
+    losses: list[float] = field(default_factory=list)
+    people: int = 0
+    images: int = 0
+    step_seconds: float = 0.0  # forward + backward + optimiser; the rest of the epoch is input
+    train_seconds: float = 0.0
+
+
+def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int) -> EpochStats:
+    """One epoch of optimisation steps over ``batches`` (this rank's numpy batches)."""
+    config, stats, t0 = worker.config, EpochStats(), time.time()
+    progress = EpochProgress(
+        config,
+        epoch=state.epoch,
+        steps_per_epoch=worker.steps_per_epoch,
+        first_epoch=first_epoch,
+        run_t0=worker.run_t0,
+        handle=worker.handle,
+        enabled=worker.rank == 0,
+    )
+    for batch_np in batches:
+        rows = decode_batch(batch_np)
+        batch = worker.arch.collate(rows, input_size=config.data.input_size).to(worker.device)
+        if worker.augmenter is not None:  # per-person augmentation, off by default
+            batch = worker.augmenter(batch, rows, state.step)
+        t_step = time.time()
+        out = worker.arch.train_step(
+            state.model,
+            batch,
+            state.optimizer,
+            train_config=config.train,
+            scaler=state.scaler,
+            autocast_dtype=worker.amp_dtype,
+            grad_clip_norm=config.train.grad_clip_norm,
+            step=state.step,
+        )
+        state.scheduler.step()
+        stats.step_seconds += time.time() - t_step
+        state.step += 1
+        stats.losses.append(out["loss"])
+        stats.people += int(out["num_people"])
+        stats.images += len(rows)
+        progress.update(step=state.step, loss=float(out["loss"]), images=len(rows) * worker.world)
+    stats.train_seconds = time.time() - t0
+    return stats
+
+
+def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str, Any]:
+    """Validate, then checkpoint and report to Ray Train, then log to MLflow; returns the
+    epoch's metrics. ``state.epoch`` counts the epoch as done."""
+    import ray.train
+
+    config, t0 = worker.config, time.time()
+    if worker.rank == 0:
+        say(
+            f"[pose2seg] epoch {state.epoch + 1}/{config.train.epochs}  trained "
+            f"{len(stats.losses)} steps in {stats.train_seconds:.0f} s; validating"
+        )
+    val = validate(
+        state.model,
+        worker.val_shard,
+        config=config,
+        device=worker.device,
+        rank=worker.rank,
+        world=worker.world,
+        val_data=worker.val_data,
+        templates=worker.templates,
+    )
+    val_seconds = time.time() - t0
+    train_seconds = max(stats.train_seconds, 1e-9)
+    state.epoch += 1
+    metrics = {
+        "epoch": state.epoch,
+        "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
+        "lr": float(state.optimizer.param_groups[0]["lr"]),
+        "train_images_per_s_worker": stats.images / train_seconds,
+        "train_people_per_s_worker": stats.people / train_seconds,
+        # Share of the training time this worker spent waiting for, decoding and
+        # collating batches (0 = the input pipeline never held the model up).
+        "train_input_fraction": 1.0 - stats.step_seconds / train_seconds,
+        "epoch_seconds": stats.train_seconds + val_seconds,
+        "train_seconds": stats.train_seconds,
+        "val_seconds": val_seconds,
+        **val,
+    }
+    state.history.append({k: float(v) for k, v in metrics.items()})
+    if worker.rank == 0:
+        say(
+            f"[pose2seg] epoch {state.epoch}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"val AP {metrics.get(VAL_METRIC, float('nan')):.3f}  AP50 {metrics.get('val_segm_ap50', float('nan')):.3f}  "
+            f"occluded AP {metrics.get('val_occluded_segm_ap', float('nan')):.3f}  "
+            f"{metrics['train_images_per_s_worker']:.1f} img/s/worker  "
+            f"input {100 * metrics['train_input_fraction']:.0f}%  {metrics['epoch_seconds']:.0f} s "
+            f"(train {stats.train_seconds:.0f} s, val {val_seconds:.0f} s)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            state.save(tmp, config=config, templates=worker.templates, metrics=metrics)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+    if worker.handle is not None:
+        # Logged once the epoch's checkpoint is stored: a job interrupted before that
+        # redoes the epoch on --resume, and MLflow never holds the same step twice.
+        from workflows.mlflow_tracking import log_metrics
+
+        log_metrics(worker.handle, metrics, step=state.epoch)
+    return metrics
+
+
+def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
+    """The run's fixed parts and its state, restored from Ray Train's checkpoint if any."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pose2seg.arch import architecture
+
+    config: Config = loop_config["config"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.train.use_gpu:
+        torch.set_num_threads(worker_threads(config))
+    torch.manual_seed(config.train.seed)  # identical init on every rank (DDP broadcasts anyway)
+    np.random.seed(config.train.seed + rank)
+    use_amp = config.train.use_gpu and config.train.mixed_precision and torch.cuda.is_available()
+    amp_dtype = (
+        torch.bfloat16
+        if use_amp and torch.cuda.is_bf16_supported()
+        else (torch.float16 if use_amp else None)
+    )
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    arch = architecture(config)
+    state = TrainState.build(
+        config, total_steps=steps_per_epoch * config.train.epochs, amp_dtype=amp_dtype
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state.restore(ckpt_dir)
+        if rank == 0:
+            say(
+                f"[pose2seg] resuming from the checkpoint of epoch {state.epoch} "
+                f"(step {state.step})"
+            )
+    if arch.channels_last:
+        # NHWC convolutions: faster steps on CPU (oneDNN) in our measurements, and the layout
+        # tensor cores prefer on GPU. Weights only: activations follow the weights.
+        state.model = state.model.to(memory_format=torch.channels_last)
+    state.model = ray.train.torch.prepare_model(state.model)
+    # Rank 0 logs to the job's MLflow run (a mlflow_tracking.RunHandle, plain data).
+    handle = loop_config.get("mlflow") if rank == 0 else None
+    val_ref = loop_config.get("val_data")
+    worker = Worker(
+        config=config,
+        templates=loop_config["templates"],
+        arch=arch,
+        rank=rank,
+        world=world,
+        device=ray.train.torch.get_device(),
+        amp_dtype=amp_dtype,
+        steps_per_epoch=steps_per_epoch,
+        augmenter=build_augmenter(config, rank=rank),
+        val_shard=ray.train.get_dataset_shard("val"),
+        val_data=ray.get(val_ref[0]) if val_ref else load_validation_data(config),
+        handle=handle,
+    )
+    return state, worker
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker. ``loop_config``: ``config`` (a Config), ``templates``
+    ((T,K,2) float32), ``steps_per_epoch``, ``train_files`` (the Parquet manifest), ``val_data``
+    (an object ref), ``mlflow`` (a RunHandle or None), ``read_runtime_env``."""
+    state, worker = _setup_worker(loop_config)
+    config, first_epoch = worker.config, state.epoch
+    stream = train_stream(
+        [(str(u), int(n)) for u, n in loop_config["train_files"]],
+        config=config,
+        first_epoch=first_epoch,
+        rank=worker.rank,
+        world=worker.world,
+        runtime_env=loop_config.get("read_runtime_env"),
+    )
+    metrics: dict[str, Any] = {}
+    while state.epoch < config.train.epochs:
+        batches = stream.epoch(
+            state.epoch,
+            batch_size=config.train.batch_size,
+            buffer_size=config.train.shuffle_buffer_size,
+        )
+        stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
+        metrics = end_epoch(state, worker, stats)
+    return {"metrics": metrics, "history": state.history}
