@@ -55,6 +55,7 @@ class AugmentSettings:
     sigma_px: float
     width_px: float
     hidden_negative: bool = False
+    rendering: str = "ours"
     rotation_deg: float = 0.0
     scale: float = 0.0
     shift: float = 0.0
@@ -70,6 +71,7 @@ class AugmentSettings:
             sigma_px=model.heatmap_sigma_px,
             width_px=model.paf_width_px,
             hidden_negative=model.hidden_keypoints == "negative",
+            rendering=model.skeleton_rendering,
             rotation_deg=train.augment_rotation_deg,
             scale=train.augment_scale,
             shift=train.augment_shift,
@@ -268,6 +270,7 @@ def augment_batch(
         sigma_px=settings.sigma_px,
         width_px=settings.width_px,
         hidden_negative=settings.hidden_negative,
+        rendering=settings.rendering,
     )
     skeleton = torch.round(skeleton * _QUANT) / _QUANT
     return dataclasses.replace(batch, affines=affines, skeleton=skeleton, targets=targets)

@@ -7,6 +7,15 @@ local torchvision ResNet state dict (``s3://`` URIs are copied to a local file b
 layer before the model is built). ``model.freeze_backbone_bn`` swaps the ResNet's BatchNorm for
 torchvision's ``FrozenBatchNorm2d`` (fixed statistics and affine, as detectron2 does for small
 per-GPU batches).
+
+``model.backbone_style = official`` builds the official Pose2Seg code's ResNet-50-FPN
+(liruilong940607/Pose2Seg ``modeling/resnet.py``) on the same torchvision modules: the first
+block of stages 2..4 strides on its first 1x1 conv (and on the 1x1 projection shortcut, as in
+torchvision) instead of the 3x3 conv; the FPN top-down path resizes the coarser map bilinearly
+with ``align_corners=False`` (torch 1.0's default for ``F.upsample``); the stride-4 sum goes
+through a bare 3x3 conv with bias. The official code's three coarser output convs are never used
+by Pose2Seg and are not built. Moving a stride changes no tensor shape, so torchvision's ImageNet
+weights load into both styles.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from torch import nn
 
 __all__ = [
     "BACKBONE_STRIDE",
+    "BACKBONE_STYLES",
     "IMAGENET",
     "ResNetFPN",
     "imagenet_state_dict",
@@ -32,6 +42,9 @@ BACKBONE_STRIDE: int = 4
 IMAGENET: str = "imagenet"
 """``model.pretrained_backbone`` value that asks for torchvision's ImageNet weights."""
 
+BACKBONE_STYLES: tuple[str, ...] = ("ours", "official")
+"""Values of ``model.backbone_style``."""
+
 _RESNETS = {
     18: torchvision.models.resnet18,
     34: torchvision.models.resnet34,
@@ -42,14 +55,22 @@ _RESNETS = {
 class ResNetFPN(nn.Module):
     """ResNet C2..C5 fused top-down into a single stride-4 map of ``fpn_channels`` channels."""
 
-    def __init__(self, *, depth: int, fpn_channels: int, frozen_bn: bool = False) -> None:
+    def __init__(
+        self, *, depth: int, fpn_channels: int, frozen_bn: bool = False, style: str = "ours"
+    ) -> None:
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(
                 f"model.backbone_depth must be one of {sorted(_RESNETS)}, got {depth!r}"
             )
+        if style not in BACKBONE_STYLES:
+            raise ValueError(
+                f"model.backbone_style must be one of {list(BACKBONE_STYLES)}, got {style!r}"
+            )
         norm_layer = torchvision.ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         resnet = _RESNETS[depth](weights=None, norm_layer=norm_layer)
+        if style == "official":
+            _stride_on_first_1x1(resnet)
         # Kept as the ResNet's own attribute names so torchvision ResNet state dicts load as is.
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
@@ -63,12 +84,17 @@ class ResNetFPN(nn.Module):
             _out_channels(layer) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)
         ]
         self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_channels, kernel_size=1) for c in in_channels)
-        # Smooths the aliasing of the nearest-neighbour upsampling in the top-down sum.
-        self.smooth = nn.Sequential(
-            nn.Conv2d(fpn_channels, fpn_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(fpn_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.smooth: nn.Module
+        if style == "official":
+            self.smooth = nn.Conv2d(fpn_channels, fpn_channels, kernel_size=3, padding=1)
+        else:
+            # Smooths the aliasing of the nearest-neighbour upsampling in the top-down sum.
+            self.smooth = nn.Sequential(
+                nn.Conv2d(fpn_channels, fpn_channels, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(fpn_channels),
+                nn.ReLU(inplace=True),
+            )
+        self.style = style
         self.depth = depth
         self.frozen_bn = frozen_bn
         self.out_channels = fpn_channels
@@ -88,8 +114,23 @@ class ResNetFPN(nn.Module):
         top = self.lateral[3](c5)
         for level, lateral in ((c4, self.lateral[2]), (c3, self.lateral[1]), (c2, self.lateral[0])):
             # Sizes, not a x2 factor: odd input sizes give maps of size ceil(n/2) per level.
-            top = lateral(level) + F.interpolate(top, size=level.shape[-2:], mode="nearest")
+            if self.style == "official":
+                up = F.interpolate(top, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                up = F.interpolate(top, size=level.shape[-2:], mode="nearest")
+            top = lateral(level) + up
         return self.smooth(top)
+
+
+def _stride_on_first_1x1(resnet: nn.Module) -> None:
+    """Move the stride of every strided bottleneck from its 3x3 conv to its first 1x1 conv
+    (the original ResNet / Caffe layout the official code uses); basic blocks are unchanged."""
+    for layer in (resnet.layer2, resnet.layer3, resnet.layer4):
+        block = layer[0]
+        if not isinstance(block, torchvision.models.resnet.Bottleneck):
+            continue
+        stride = block.conv2.stride
+        block.conv1.stride, block.conv2.stride = stride, (1, 1)
 
 
 def _out_channels(layer: nn.Sequential) -> int:

@@ -171,6 +171,22 @@ class ModelConfig:
     (the whole image letterboxed into the RoI, as the official code does)."""
     fallback_min_size: float = 0.25
     """``keypoints`` fallback: smallest RoI side, as a fraction of the image's longer side."""
+    backbone_style: str = "ours"
+    """ResNet-FPN variant: ``ours`` (torchvision's ResNet, stride on the 3x3 conv; nearest
+    top-down upsampling; output 3x3 conv + BN + ReLU) or ``official`` (the official code: stride
+    on the first 1x1 conv and its projection shortcut, bilinear top-down upsampling with
+    align_corners=False, output a bare 3x3 conv with bias). One key: they only matter together
+    for loading the official weights. Both load torchvision ImageNet weights (same shapes)."""
+    seg_style: str = "ours"
+    """SegModule variant: ``ours`` (convs without bias, upsampling align_corners=False, last BN
+    of each unit zero-initialised) or ``official`` (every conv with a bias, upsampling
+    align_corners=True, PyTorch's default init; needs ``seg_block: bottleneck`` and
+    ``mask_head: two_class``)."""
+    skeleton_rendering: str = "ours"
+    """Rule drawing the skeleton features: ``ours`` (pixel centres at +0.5, limbs clipped at the
+    segment ends, width ``paf_width_px``) or ``official`` (pixel centres on integer indices,
+    heatmaps cut at d < 4.6025, limbs: pixels of the endpoints' box +-1 px whose distance to
+    the limb's line is < ``paf_width_px``)."""
 
     @property
     def pretrained_source(self) -> str:
@@ -211,6 +227,16 @@ class ModelConfig:
         _check(0.0 < self.mask_threshold < 1.0, "model.mask_threshold", "must be in (0, 1)")
         _one_of(self.mask_score, "model.mask_score", ("mean_prob", "one"))
         _one_of(self.fallback, "model.fallback", ("keypoints", "image"))
+        _one_of(self.backbone_style, "model.backbone_style", ("ours", "official"))
+        _one_of(self.seg_style, "model.seg_style", ("ours", "official"))
+        _one_of(self.skeleton_rendering, "model.skeleton_rendering", ("ours", "official"))
+        if self.seg_style == "official":
+            _check(
+                self.seg_block == "bottleneck" and self.mask_head == "two_class",
+                "model.seg_style",
+                "official needs model.seg_block=bottleneck and model.mask_head=two_class, got "
+                f"{self.seg_block!r} and {self.mask_head!r}",
+            )
         _check(0.0 < self.fallback_min_size <= 2.0, "model.fallback_min_size", "must be in (0, 2]")
         if (
             self.pretrained_source
@@ -308,6 +334,11 @@ class TrainConfig:
     """Print a progress line (rank 0) at least this often inside an epoch; 0 = by steps only."""
     mlflow_loss_every_steps: int = 10
     """Log the training step loss (``step_loss``) to MLflow every this many steps; 0 = off."""
+    init_weights: str = ""
+    """Start training from these whole-model weights (empty: from ``model.pretrained_backbone``
+    only): a checkpoint folder (local or ``s3://``) or a registered model ``models:/NAME@ALIAS``
+    / ``runs:/...`` (e.g. the official weights imported by ``workflows/import_weights.py``).
+    Its network must match the config's model keys. Ignored when resuming a run."""
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
@@ -650,6 +681,7 @@ PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
     "model.mirror_templates",
     "model.templates_file",
     "model.hidden_keypoints",
+    "model.skeleton_rendering",
 )
 
 

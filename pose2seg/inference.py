@@ -329,6 +329,7 @@ class Predictor:
                 sigma_px=self.config.heatmap_sigma_px,
                 width_px=self.config.paf_width_px,
                 hidden_negative=self.config.hidden_keypoints == "negative",
+                rendering=self.config.skeleton_rendering,
             )
         images_t = normalise_images(padded.to(self.device))
         with torch.no_grad():

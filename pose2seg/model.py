@@ -47,24 +47,31 @@ class BottleneckUnit(nn.Module):
     """1x1 -> 3x3 -> 1x1 conv-BN with a shortcut (ResNet's bottleneck; the official SegModule's).
 
     The shortcut is a 1x1 conv-BN projection when the input and output widths differ.
+    ``official=True``: every conv has a bias and the last BatchNorm keeps PyTorch's default
+    init (the official SegModule); otherwise convs have no bias and the residual branch starts
+    at zero.
     """
 
-    def __init__(self, *, in_channels: int, mid_channels: int, out_channels: int) -> None:
+    def __init__(
+        self, *, in_channels: int, mid_channels: int, out_channels: int, official: bool = False
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False)
+        bias = official
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=bias)
         self.bn1 = nn.BatchNorm2d(mid_channels)
-        self.conv2 = nn.Conv2d(mid_channels, mid_channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(mid_channels, mid_channels, kernel_size=3, padding=1, bias=bias)
         self.bn2 = nn.BatchNorm2d(mid_channels)
-        self.conv3 = nn.Conv2d(mid_channels, out_channels, kernel_size=1, bias=False)
+        self.conv3 = nn.Conv2d(mid_channels, out_channels, kernel_size=1, bias=bias)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias),
                 nn.BatchNorm2d(out_channels),
             )
-        # As in ResidualUnit: the residual branch starts at zero.
-        nn.init.zeros_(self.bn3.weight)
+        if not official:
+            # As in ResidualUnit: the residual branch starts at zero.
+            nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (P,C_in,s,s) -> (P,C_out,s,s)."""
@@ -84,6 +91,10 @@ class SegModule(nn.Module):
     upsampling of middle width ``channels / 2`` and output ``2 * channels``.
     ``head="two_class"``: two output maps whose difference is the logit, so that BCE on it is
     the official 2-class cross-entropy.
+    ``style="official"`` (``model.seg_style``; needs ``block="bottleneck"``, ``head="two_class"``):
+    the official module (liruilong940607/Pose2Seg ``modeling/seg_module.py``): every conv with a
+    bias, PyTorch's default init, x2 upsampling with ``align_corners=True``
+    (``nn.UpsamplingBilinear2d``).
     """
 
     def __init__(
@@ -94,14 +105,24 @@ class SegModule(nn.Module):
         num_residual_units: int,
         block: str = "basic",
         head: str = "logit",
+        style: str = "ours",
     ) -> None:
         super().__init__()
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"model.seg_block must be 'basic' or 'bottleneck', got {block!r}")
         if head not in ("logit", "two_class"):
             raise ValueError(f"model.mask_head must be 'logit' or 'two_class', got {head!r}")
+        if style not in ("ours", "official"):
+            raise ValueError(f"model.seg_style must be 'ours' or 'official', got {style!r}")
+        official = style == "official"
+        if official and (block, head) != ("bottleneck", "two_class"):
+            raise ValueError(
+                "model.seg_style=official needs model.seg_block=bottleneck and "
+                f"model.mask_head=two_class, got {block!r} and {head!r}"
+            )
+        self.align_corners = official
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.Conv2d(in_channels, channels, kernel_size=7, stride=2, padding=3, bias=official),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
@@ -119,22 +140,31 @@ class SegModule(nn.Module):
                         in_channels=channels if i == 0 else wide,
                         mid_channels=channels,
                         out_channels=wide,
+                        official=official,
                     )
                     for i in range(num_residual_units)
                 )
             )
             out = 2 * channels
             self.refine = BottleneckUnit(
-                in_channels=wide, mid_channels=max(1, channels // 2), out_channels=out
+                in_channels=wide,
+                mid_channels=max(1, channels // 2),
+                out_channels=out,
+                official=official,
             )
         self.two_class = head == "two_class"
         self.head = nn.Conv2d(out, 2 if self.two_class else 1, kernel_size=1)
 
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (P,C_in,S,S) -> the head's raw maps (P,2,S,S) (two_class: background, person)
+        or (P,1,S,S)."""
+        y = self.units(self.stem(x))
+        y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=self.align_corners)
+        return self.head(self.refine(y))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (P,C_in,S,S) aligned features + skeleton -> logits (P,S,S)."""
-        y = self.units(self.stem(x))
-        y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
-        y = self.head(self.refine(y))
+        y = self.head_logits(x)
         # Softmax over (background, person) is sigmoid of the difference of their logits.
         return y[:, 1] - y[:, 0] if self.two_class else y[:, 0]
 
@@ -152,6 +182,7 @@ class Pose2Seg(nn.Module):
             depth=config.backbone_depth,
             fpn_channels=config.fpn_channels,
             frozen_bn=config.freeze_backbone_bn,
+            style=config.backbone_style,
         )
         if config.pretrained_source:
             load_backbone_state_dict(self.backbone, config.pretrained_source)
@@ -167,6 +198,7 @@ class Pose2Seg(nn.Module):
             num_residual_units=config.num_residual_units,
             block=config.seg_block,
             head=config.mask_head,
+            style=config.seg_style,
         )
 
     def forward(

@@ -15,12 +15,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pose2seg.skeleton import LIMBS, NUM_KEYPOINTS
+from pose2seg.skeleton import (
+    LIMBS,
+    NUM_KEYPOINTS,
+    OFFICIAL_HEATMAP_CUTOFF,
+    SKELETON_RENDERINGS,
+    official_limb_orientation,
+)
 
 __all__ = [
     "affine_to_sampling_theta",
     "align_features",
     "invert_affines",
+    "render_official_skeleton_features",
     "render_skeleton_features",
     "transform_keypoints",
     "warp_aligned_to_image",
@@ -290,8 +297,12 @@ def render_skeleton_features(
     sigma_px: float,
     width_px: float,
     hidden_negative: bool = False,
+    rendering: str = "ours",
 ) -> torch.Tensor:
     """Part affinity fields and keypoint confidence maps in the aligned frame (the reference).
+
+    ``rendering="official"`` (``model.skeleton_rendering``) draws the official code's rule
+    instead (see :func:`render_official_skeleton_features`), in the same channel order.
 
     The formula of ``docs/ARCHITECTURE.md``, at pixel centres ``p = (j + 0.5, i + 0.5)``:
 
@@ -308,6 +319,7 @@ def render_skeleton_features(
         sigma_px: ``model.heatmap_sigma_px``, the Gaussian std in pixels at S = 64.
         width_px: ``model.paf_width_px``, the limb half-width in pixels at S = 64.
         hidden_negative: draw the Gaussians of hidden (v = 1) keypoints negative.
+        rendering: ``ours`` or ``official``.
 
     Returns:
         (P,55,S,S) float32 on the keypoints' device: 2 PAF channels per limb (x then y, limb
@@ -316,6 +328,18 @@ def render_skeleton_features(
     if kpts_aligned.ndim != 3 or kpts_aligned.shape[1:] != (NUM_KEYPOINTS, 3):
         raise ValueError(
             f"kpts_aligned must have shape (P, {NUM_KEYPOINTS}, 3), got {tuple(kpts_aligned.shape)}"
+        )
+    if rendering not in SKELETON_RENDERINGS:
+        raise ValueError(
+            f"model.skeleton_rendering must be one of {list(SKELETON_RENDERINGS)}, got {rendering!r}"
+        )
+    if rendering == "official":
+        return render_official_skeleton_features(
+            kpts_aligned,
+            roi_size=roi_size,
+            sigma_px=sigma_px,
+            width_px=width_px,
+            hidden_negative=hidden_negative,
         )
     size = int(roi_size)
     sigma = float(sigma_px) * size / 64.0
@@ -353,3 +377,85 @@ def render_skeleton_features(
     paf = torch.stack([on_limb * ux, on_limb * uy], dim=2)  # (P,L,2,S,S)
     paf = paf.reshape(kpts.shape[0], 2 * len(LIMBS), size, size)
     return torch.cat([paf, heatmaps], dim=1).to(torch.float32)
+
+
+def render_official_skeleton_features(
+    kpts_aligned: torch.Tensor,
+    *,
+    roi_size: int,
+    sigma_px: float,
+    width_px: float,
+    hidden_negative: bool = True,
+) -> torch.Tensor:
+    """The official Pose2Seg code's skeleton features, in our channel order.
+
+    The keypoints are in the aligned frame's continuous coordinates like everywhere here; the
+    official rule works in index coordinates ``q = p - 0.5`` (pixel ``(j, i)`` centred on the
+    integer point), in float64:
+
+    - heatmap k of a usable keypoint ``q_k``: ``exp(-d)`` with
+      ``d = |(j, i) - q_k|^2 / 2 / sigma^2`` where ``d < 4.6025``, else 0;
+      ``sigma = sigma_px * S / 64``; negated for v = 1 when ``hidden_negative``;
+    - limb (a, b) in the official direction (``OFFICIAL_LIMBS``), both usable, ``q_a != q_b``:
+      ``u = (q_b - q_a) / |q_b - q_a|`` on the pixels of the box
+      ``[max(round(min(x) - w), 0), min(round(max(x) + w), S))`` (half-open, round half to
+      even; same in y), ``w = width_px * S / 64``, whose distance to the infinite line through
+      ``q_a`` and ``q_b`` is ``< w``; v plays no other role. Our limbs that run the other way
+      get ``-u``.
+
+    Args:
+        kpts_aligned: (P,K,3) keypoints in the aligned frame (pixels), visibility.
+
+    Returns:
+        (P,55,S,S) float32: as :func:`render_skeleton_features`.
+    """
+    if kpts_aligned.ndim != 3 or kpts_aligned.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(
+            f"kpts_aligned must have shape (P, {NUM_KEYPOINTS}, 3), got {tuple(kpts_aligned.shape)}"
+        )
+    size = int(roi_size)
+    sigma = float(sigma_px) * size / 64.0
+    width = float(width_px) * size / 64.0
+    device = kpts_aligned.device
+    kpts = kpts_aligned.to(torch.float64)
+    n = kpts.shape[0]
+    q = kpts[..., :2] - 0.5  # (P,K,2) index coordinates
+    vis = kpts[..., 2]
+    usable = vis > 0
+    grid = torch.arange(size, device=device, dtype=torch.float64)
+    gx = grid.view(1, 1, 1, size)
+    gy = grid.view(1, 1, size, 1)
+
+    dx = gx - q[..., 0, None, None]
+    dy = gy - q[..., 1, None, None]
+    d = (dx * dx + dy * dy) / 2.0 / (sigma * sigma)  # (P,K,S,S)
+    heat = torch.where(d < OFFICIAL_HEATMAP_CUTOFF, torch.exp(-d), torch.zeros_like(d))
+    sign = usable.to(torch.float64)
+    if hidden_negative:
+        sign = torch.where(vis == 1, -sign, sign)
+    heat = heat * sign[..., None, None]
+
+    orient = official_limb_orientation()
+    a_idx = torch.tensor([a for a, _, _ in orient], device=device)
+    b_idx = torch.tensor([b for _, b, _ in orient], device=device)
+    flip = torch.tensor([f for _, _, f in orient], device=device, dtype=torch.float64)
+    pa, pb = q[:, a_idx], q[:, b_idx]  # (P,L,2)
+    vec = pb - pa
+    length = torch.linalg.vector_norm(vec, dim=-1)  # (P,L)
+    valid = usable[:, a_idx] & usable[:, b_idx] & (length > 0)
+    unit = vec / torch.where(length > 0, length, torch.ones_like(length))[..., None]
+    lo = torch.minimum(pa, pb) - width
+    hi = torch.maximum(pa, pb) + width
+    lo = torch.round(lo).clamp_min(0)  # (P,L,2), torch.round: half to even
+    hi = torch.round(hi).clamp_max(size)
+    in_x = (gx >= lo[..., 0, None, None]) & (gx < hi[..., 0, None, None])  # (P,L,1,S)
+    in_y = (gy >= lo[..., 1, None, None]) & (gy < hi[..., 1, None, None])  # (P,L,S,1)
+    ux, uy = unit[..., 0, None, None], unit[..., 1, None, None]
+    rx = gx - pa[..., 0, None, None]
+    ry = gy - pa[..., 1, None, None]
+    dist = (rx * uy - ry * ux).abs()  # (P,L,S,S)
+    on_limb = in_x & in_y & (dist < width) & valid[..., None, None]
+    ux, uy = ux * flip[:, None, None], uy * flip[:, None, None]
+    paf = torch.stack([on_limb * ux, on_limb * uy], dim=2)  # (P,L,2,S,S)
+    paf = paf.reshape(n, 2 * len(LIMBS), size, size)
+    return torch.cat([paf, heat], dim=1).to(torch.float32)

@@ -17,7 +17,14 @@ import math
 
 import numpy as np
 
-from pose2seg.skeleton import LIMBS, NUM_KEYPOINTS, NUM_SKELETON_CHANNELS
+from pose2seg.skeleton import (
+    LIMBS,
+    NUM_KEYPOINTS,
+    NUM_SKELETON_CHANNELS,
+    OFFICIAL_HEATMAP_CUTOFF,
+    SKELETON_RENDERINGS,
+    official_limb_orientation,
+)
 
 QUANT_SCALE: float = 127.0
 """Stored skeleton value = round(x * QUANT_SCALE) as int8; decoded as value / QUANT_SCALE."""
@@ -34,8 +41,12 @@ def render_skeleton_features(
     sigma_px: float,
     width_px: float,
     hidden_negative: bool = False,
+    rendering: str = "ours",
 ) -> np.ndarray:
     """Part affinity fields and keypoint confidence maps in the aligned frame.
+
+    ``rendering="official"`` (``model.skeleton_rendering``): the official code's rule instead,
+    :func:`render_official_skeleton_features`.
 
     At pixel centres ``p = (j + 0.5, i + 0.5)``:
 
@@ -64,6 +75,15 @@ def render_skeleton_features(
         raise ValueError(
             f"render_skeleton_features: need roi_size >= 1, sigma_px > 0, width_px > 0; got "
             f"{roi_size}, {sigma_px}, {width_px}"
+        )
+    _check_rendering(rendering)
+    if rendering == "official":
+        return render_official_skeleton_features(
+            kpts,
+            roi_size=roi_size,
+            sigma_px=sigma_px,
+            width_px=width_px,
+            hidden_negative=hidden_negative,
         )
     n, size = len(kpts), int(roi_size)
     sigma = float(sigma_px) * size / 64.0
@@ -100,6 +120,84 @@ def render_skeleton_features(
     paf = out[:, : 2 * len(LIMBS)].reshape(n, len(LIMBS), 2, size, size)
     np.multiply(on_limb, ux, out=paf[:, :, 0])
     np.multiply(on_limb, uy, out=paf[:, :, 1])
+    return out
+
+
+def _check_rendering(rendering: str) -> None:
+    if rendering not in SKELETON_RENDERINGS:
+        raise ValueError(
+            f"model.skeleton_rendering must be one of {list(SKELETON_RENDERINGS)}, got {rendering!r}"
+        )
+
+
+_OFFICIAL_ORIENTATION = official_limb_orientation()
+_OFFICIAL_A = np.array([a for a, _, _ in _OFFICIAL_ORIENTATION])
+_OFFICIAL_B = np.array([b for _, b, _ in _OFFICIAL_ORIENTATION])
+_OFFICIAL_FLIP = np.array([f for _, _, f in _OFFICIAL_ORIENTATION])
+
+
+def render_official_skeleton_features(
+    kpts_aligned: np.ndarray,
+    *,
+    roi_size: int,
+    sigma_px: float,
+    width_px: float,
+    hidden_negative: bool = True,
+) -> np.ndarray:
+    """The official Pose2Seg code's skeleton features, in our channel order: the numpy twin of
+    ``pose2seg.ops.render_official_skeleton_features`` (same rule, same float64 operations).
+
+    Keypoints are in the aligned frame's continuous coordinates; the rule works in index
+    coordinates ``q = p - 0.5``: heatmap ``exp(-d)``, ``d = |(j, i) - q_k|^2 / 2 / sigma^2``,
+    where ``d < 4.6025`` (negated for v = 1 when ``hidden_negative``); limb field: the unit
+    vector of the official limb direction (negated for our reversed leg limbs) on the pixels
+    of the endpoints' box ``[max(round(min - w), 0), min(round(max + w), S))`` whose distance to
+    the line through both endpoints is ``< w``.
+
+    Returns:
+        ``(N, 55, S, S)`` float32.
+    """
+    kpts = np.asarray(kpts_aligned, dtype=np.float64)
+    if kpts.ndim != 3 or kpts.shape[1:] != (NUM_KEYPOINTS, 3):
+        raise ValueError(f"kpts_aligned must have shape (N, {NUM_KEYPOINTS}, 3), got {kpts.shape}")
+    n, size = len(kpts), int(roi_size)
+    sigma = float(sigma_px) * size / 64.0
+    width = float(width_px) * size / 64.0
+    out = np.zeros((n, NUM_SKELETON_CHANNELS, size, size), dtype=np.float32)
+    if n == 0:
+        return out
+    q = kpts[..., :2] - 0.5
+    vis = kpts[..., 2]
+    usable = vis > 0
+    grid = np.arange(size, dtype=np.float64)
+    gx = grid.reshape(1, 1, 1, size)
+    gy = grid.reshape(1, 1, size, 1)
+
+    dx = gx - q[..., 0, None, None]
+    dy = gy - q[..., 1, None, None]
+    d = (dx * dx + dy * dy) / 2.0 / (sigma * sigma)
+    heat = np.where(d < OFFICIAL_HEATMAP_CUTOFF, np.exp(-d), 0.0)
+    sign = usable.astype(np.float64)
+    if hidden_negative:
+        sign = np.where(vis == 1, -sign, sign)
+    out[:, 2 * len(LIMBS) :] = heat * sign[..., None, None]
+
+    pa, pb = q[:, _OFFICIAL_A], q[:, _OFFICIAL_B]  # (N, L, 2)
+    vec = pb - pa
+    length = np.sqrt(vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1])
+    valid = usable[:, _OFFICIAL_A] & usable[:, _OFFICIAL_B] & (length > 0)
+    unit = vec / np.where(length > 0, length, 1.0)[..., None]
+    lo = np.maximum(np.rint(np.minimum(pa, pb) - width), 0)  # np.rint: half to even
+    hi = np.minimum(np.rint(np.maximum(pa, pb) + width), size)
+    in_x = (gx >= lo[..., 0, None, None]) & (gx < hi[..., 0, None, None])
+    in_y = (gy >= lo[..., 1, None, None]) & (gy < hi[..., 1, None, None])
+    ux, uy = unit[..., 0, None, None], unit[..., 1, None, None]
+    dist = np.abs((gx - pa[..., 0, None, None]) * uy - (gy - pa[..., 1, None, None]) * ux)
+    on_limb = in_x & in_y & (dist < width) & valid[..., None, None]
+    paf = out[:, : 2 * len(LIMBS)].reshape(n, len(LIMBS), 2, size, size)
+    flip = _OFFICIAL_FLIP[None, :, None, None]
+    paf[:, :, 0] = on_limb * (ux * flip)
+    paf[:, :, 1] = on_limb * (uy * flip)
     return out
 
 
@@ -143,8 +241,12 @@ def render_quantised_skeleton_features(
     sigma_px: float,
     width_px: float,
     hidden_negative: bool = False,
+    rendering: str = "ours",
 ) -> np.ndarray:
     """``quantise(render_skeleton_features(...))``, computed only near the limbs and keypoints.
+
+    ``rendering="official"``: ``quantise`` of the dense
+    :func:`render_official_skeleton_features` (no windowing).
 
     Each limb is evaluated on the pixels of its bounding box grown by the half-width plus one
     pixel (outside it no pixel centre is within ``w`` of the segment), each Gaussian on a
@@ -163,6 +265,17 @@ def render_quantised_skeleton_features(
         raise ValueError(
             f"render_quantised_skeleton_features: need roi_size >= 1, sigma_px > 0, width_px > 0; "
             f"got {roi_size}, {sigma_px}, {width_px}"
+        )
+    _check_rendering(rendering)
+    if rendering == "official":
+        return quantise(
+            render_official_skeleton_features(
+                kpts,
+                roi_size=roi_size,
+                sigma_px=sigma_px,
+                width_px=width_px,
+                hidden_negative=hidden_negative,
+            )
         )
     n, size = len(kpts), int(roi_size)
     sigma = float(sigma_px) * size / 64.0

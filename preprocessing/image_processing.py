@@ -38,6 +38,7 @@ class ShardSettings:
     fallback_min_size: float = 0.25
     align_transform: str = "affine"
     hidden_negative: bool = False
+    skeleton_rendering: str = "ours"
 
     @classmethod
     def from_config(cls, config: Config, split: str) -> ShardSettings:
@@ -56,6 +57,7 @@ class ShardSettings:
             keypoint_margin_fraction=config.data.keypoint_margin_fraction,
             align_transform=config.model.align_transform,
             hidden_negative=config.model.hidden_keypoints == "negative",
+            skeleton_rendering=config.model.skeleton_rendering,
         )
 
 
@@ -186,6 +188,7 @@ def process_image(
         sigma_px=settings.heatmap_sigma_px,
         width_px=settings.paf_width_px,
         hidden_negative=settings.hidden_negative,
+        rendering=settings.skeleton_rendering,
     )
     targets = np.zeros((n, size, size), dtype=bool)
     mask_rles, gt_rles = [], []

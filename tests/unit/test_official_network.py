@@ -1,0 +1,198 @@
+"""Paper mode's network is the official Pose2Seg's, number for number (issue 24, network half).
+
+Against the official code's own outputs (``../shared/data/official_reference/``, its README):
+the official state dict built by the fixture's weight rule, mapped onto our paper-mode model by
+:mod:`pose2seg.official_weights`, must give the official backbone output ``p1`` of image
+197388, the official SegModule logits of its 5 people from the same RoI inputs, and both our
+official-rule skeleton renderers the official skeleton features of all 14 people. Tolerances
+are the fixture README's: float16 storage plus float32 noise, ``|a - b| <= 1e-3 + 1e-3 |b|``
+for the networks, 2.5e-4 (float16 rounding of values in [-1, 1]) for the skeleton.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pose2seg.config import ModelConfig
+from pose2seg.model import Pose2Seg
+from pose2seg.official_weights import (
+    OFFICIAL_MODEL_KEYS,
+    OfficialWeightsError,
+    load_official_weights,
+    map_official_state_dict,
+)
+from pose2seg.ops import render_skeleton_features as render_torch
+from pose2seg.skeleton import official_skeleton_channel_map
+from preprocessing.features import render_quantised_skeleton_features
+from preprocessing.features import render_skeleton_features as render_numpy
+from tests.official_weights_fixture import (
+    OFFICIAL_REFERENCE,
+    official_state_dict,
+    requires_official_reference,
+)
+
+pytestmark = requires_official_reference
+
+IMAGE_ID = 197388
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def paper_model_config(**overrides) -> ModelConfig:
+    keys = dict(OFFICIAL_MODEL_KEYS, skeleton_rendering="official")
+    keys.update(overrides)
+    return ModelConfig(**keys)
+
+
+def within(ours: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float) -> float:
+    """The largest excess over the tolerance (<= 0: within)."""
+    ref = ref.astype(np.float64)
+    return float((np.abs(ours.astype(np.float64) - ref) - (atol + rtol * np.abs(ref))).max())
+
+
+def official_to_ours_channels(official: np.ndarray) -> np.ndarray:
+    """(N, 55, S, S) official skeleton channel order -> ours."""
+    index, sign = official_skeleton_channel_map()
+    ours = np.zeros_like(official, dtype=np.float32)
+    for c, (i, s) in enumerate(zip(index, sign, strict=True)):
+        ours[:, i] = s * official[:, c].astype(np.float32)
+    return ours
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    people = dict(np.load(OFFICIAL_REFERENCE / "people.npz"))
+    images = dict(np.load(OFFICIAL_REFERENCE / "images.npz"))
+    backbone = dict(np.load(OFFICIAL_REFERENCE / "backbone_p1_197388.npz"))
+    return people, images, backbone
+
+
+@pytest.fixture(scope="module")
+def official_model():
+    torch.manual_seed(0)
+    model = Pose2Seg(config=paper_model_config()).eval()
+    load_official_weights(model, official_state_dict(), source="the rule-built state dict")
+    return model
+
+
+@pytest.fixture(scope="module")
+def our_p1(fixture, official_model):
+    """Our backbone output on image 197388's official network input, (1, 256, 128, 128)."""
+    _, images, _ = fixture
+    row = int(np.flatnonzero(images["image_id"] == IMAGE_ID)[0])
+    rgb = torch.from_numpy(images["net_input_rgb"][row].astype(np.float32))  # (512, 512, 3)
+    x = (rgb.permute(2, 0, 1) / 255.0 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[
+        :, None, None
+    ]
+    with torch.no_grad():
+        return official_model.backbone(x[None].float())
+
+
+def test_backbone_gives_the_official_p1(fixture, our_p1):
+    _, _, backbone = fixture
+    ours = our_p1.numpy()
+    assert ours.shape == backbone["p1"].shape == (1, 256, 128, 128)
+    assert within(ours, backbone["p1"], atol=1e-3, rtol=1e-3) <= 0
+    # The float32 samples are exact: float32 CPU noise only.
+    c, r, col = backbone["sample_positions"].T
+    sampled = ours[0, c, r, col]
+    assert within(sampled, backbone["sample_values"], atol=1e-4, rtol=1e-4) <= 0
+
+
+def sample_rois(p1: torch.Tensor, feat_to_roi: np.ndarray, roi_size: int = 64) -> torch.Tensor:
+    """RoI features as the official code samples them (fixture README, "RoI sampling"):
+    pixel (j, i) of the RoI = bilinear sample, zero outside, of ``p1`` at feature index
+    ``inverse(feat_to_roi) (j, i, 1)`` (pixel centres on integers), float64."""
+    n = len(feat_to_roi)
+    h, w = p1.shape[-2:]
+    full = np.concatenate([feat_to_roi, np.tile([[[0.0, 0.0, 1.0]]], (n, 1, 1))], axis=1)
+    inv = np.linalg.inv(full)[:, :2]  # (N, 2, 3) RoI index -> feature index
+    jj, ii = np.meshgrid(np.arange(roi_size), np.arange(roi_size))
+    pts = np.stack([jj, ii, np.ones_like(jj)], axis=-1).astype(np.float64)  # (S, S, 3)
+    src = np.einsum("nab,yxb->nyxa", inv, pts)  # (N, S, S, 2) x, y feature index
+    grid = np.empty_like(src)
+    grid[..., 0] = 2.0 * src[..., 0] / (w - 1) - 1.0
+    grid[..., 1] = 2.0 * src[..., 1] / (h - 1) - 1.0
+    feats = p1.to(torch.float64).expand(n, -1, -1, -1)
+    out = F.grid_sample(
+        feats, torch.from_numpy(grid), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out.to(torch.float32)
+
+
+def test_segmodule_gives_the_official_logits(fixture, official_model, our_p1):
+    people, _, _ = fixture
+    rows = np.flatnonzero(people["image_id"] == IMAGE_ID)
+    assert len(rows) == 5
+    rois = sample_rois(our_p1, people["feat_to_roi_sampling"][rows])
+    skeleton = torch.from_numpy(official_to_ours_channels(people["skeleton"][rows]))
+    with torch.no_grad():
+        logits = official_model.seg.head_logits(torch.cat([rois, skeleton], dim=1)).numpy()
+    ref = people["seg_logits"][rows]
+    assert logits.shape == ref.shape == (5, 2, 64, 64)
+    assert within(logits, ref, atol=1e-3, rtol=1e-3) <= 0
+
+
+@pytest.mark.parametrize("renderer", ["numpy", "torch"])
+def test_official_skeleton_rendering(fixture, renderer):
+    people, _, _ = fixture
+    kpts = people["keypoints_in_roi"].astype(np.float32).copy()  # index convention
+    kpts[..., :2] += 0.5  # our aligned frame: pixel centres at +0.5
+    args = dict(roi_size=64, sigma_px=3.0, width_px=1.0, hidden_negative=True)
+    if renderer == "numpy":
+        ours = render_numpy(kpts, rendering="official", **args)
+    else:
+        ours = render_torch(torch.from_numpy(kpts), rendering="official", **args).numpy()
+    ref = official_to_ours_channels(people["skeleton"])
+    assert ours.shape == ref.shape == (14, 55, 64, 64)
+    assert np.abs(ref).sum() > 0
+    assert np.abs(ours - ref).max() <= 2.5e-4
+    # Our own rule is another one: the test can fail.
+    ours_rule = render_numpy(kpts, rendering="ours", **args)
+    assert np.abs(ours_rule - ref).max() > 0.1
+
+
+def test_stored_official_skeleton_is_the_quantised_rendering(fixture):
+    people, _, _ = fixture
+    kpts = people["keypoints_in_roi"].astype(np.float32).copy()
+    kpts[..., :2] += 0.5
+    args = dict(roi_size=64, sigma_px=3.0, width_px=1.0, hidden_negative=True)
+    stored = render_quantised_skeleton_features(kpts, rendering="official", **args)
+    dense = render_numpy(kpts, rendering="official", **args)
+    assert np.array_equal(stored, np.clip(np.rint(dense * 127), -127, 127).astype(np.int8))
+
+
+def test_channel_map_is_a_signed_permutation():
+    index, sign = official_skeleton_channel_map()
+    assert sorted(index) == list(range(55))
+    assert index[:17] == tuple(range(38, 55))
+    assert sum(s < 0 for s in sign) == 8  # x and y of the 4 reversed leg limbs
+
+
+def test_mapping_accepts_module_prefix_and_names_bad_tensors(official_model):
+    official = official_state_dict()
+    prefixed = {f"module.{k}": v for k, v in official.items()}
+    a = map_official_state_dict(official, official_model)
+    b = map_official_state_dict(prefixed, official_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    broken = dict(official)
+    del broken["segnet.pred_small.bias"]
+    broken["backbone.extra.weight"] = torch.zeros(1)
+    broken["backbone.fpn_c1p1.weight"] = torch.zeros(256, 255, 1, 1)
+    with pytest.raises(OfficialWeightsError) as info:
+        map_official_state_dict(broken, official_model, source="x.pkl")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("x.pkl")
+    assert "seg.head.bias" in message
+    assert "backbone.extra.weight" in message
+    assert "backbone.lateral.0.weight (256, 255, 1, 1) != (256, 256, 1, 1)" in message
+
+
+def test_official_weights_need_the_official_network():
+    model = Pose2Seg(config=paper_model_config(backbone_style="ours", seg_channels=8))
+    with pytest.raises(OfficialWeightsError, match="model.backbone_style='ours'"):
+        load_official_weights(model, {})
