@@ -29,9 +29,15 @@ def _rule_module():
     return module
 
 
-def official_state_dict() -> dict[str, torch.Tensor]:
-    """The 588 tensors of the official model filled by the fixture's rule (weights_rule.md),
-    in the official ``state_dict()`` order."""
+@cache
+def _built_state_dict() -> dict[str, torch.Tensor]:
     with open(OFFICIAL_REFERENCE / "official_state_dict.json") as fh:
         spec = json.load(fh)
     return dict(_rule_module().build_state_dict(spec))
+
+
+def official_state_dict() -> dict[str, torch.Tensor]:
+    """The 588 tensors of the official model filled by the fixture's rule (weights_rule.md),
+    in the official ``state_dict()`` order (built once per test session, about 10 s; a new
+    dict each call, the tensors shared: do not modify them in place)."""
+    return dict(_built_state_dict())

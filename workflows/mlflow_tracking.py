@@ -364,3 +364,16 @@ def register_if_better(
         previous_version=previous_version,
         previous_ap=previous_ap,
     )
+
+
+def register_with_alias(
+    handle: RunHandle, model_uri: str, *, name: str, alias: str, tags: dict[str, str]
+) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it whatever
+    it held before (an import has no val AP to compare). Returns the version."""
+    import mlflow
+
+    client = client_for(handle.tracking_uri)
+    mv = mlflow.register_model(model_uri, name, tags={**tags, "run_id": handle.run_id})
+    client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)

@@ -1,7 +1,7 @@
 """The training input of one Ray Train worker: its seeded Parquet slices per epoch
 (:func:`train_stream`, :func:`iter_train_batches`), decoded and collated into batches, the
-per-person augmentation (:func:`build_augmenter`), the worker's thread count and a local copy of
-remote backbone weights."""
+per-person augmentation (:func:`build_augmenter`), the worker's thread count, a local copy of
+remote backbone weights and the whole-model weights of ``train.init_weights``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,61 @@ def local_pretrained_backbone(config: Config) -> Config:
             fh.write(read_bytes(source))
         os.replace(partial, local)  # atomic: workers of one machine may race
     return config.with_overrides({"model.pretrained_backbone": local})
+
+
+def init_weights_state(config: Config) -> dict[str, Any] | None:
+    """The model state of ``train.init_weights`` (None when empty): a checkpoint folder, local
+    or ``s3://``, or an MLflow model ``models:/NAME@ALIAS`` / ``runs:/...`` logged by this
+    project (its ``checkpoint`` artifact), read from the config's tracking store.
+
+    Raises:
+        ValueError: naming ``train.init_weights`` when it cannot be read.
+    """
+    ref = config.train.init_weights.strip()
+    if not ref:
+        return None
+    from pose2seg.checkpoint import load_checkpoint
+
+    key = "train.init_weights"
+    with tempfile.TemporaryDirectory(prefix="pose2seg-init-") as tmp:
+        try:
+            if ref.startswith(("models:/", "runs:/")):
+                from workflows.batch_inference import resolve_checkpoint_dir
+                from workflows.mlflow_tracking import client_for, resolve_tracking_uri
+
+                client_for(resolve_tracking_uri(config))
+                directory = resolve_checkpoint_dir(ref, tmp)
+            elif "://" in ref:
+                from preprocessing.storage import download_dir
+
+                directory = tmp
+                if download_dir(ref, directory) == 0:
+                    raise FileNotFoundError(f"no files under {ref!r}")
+            else:
+                directory = ref
+            return load_checkpoint(directory).model_state
+        except Exception as exc:  # noqa: BLE001 - any unreadable source is the same user error
+            message = " ".join(str(exc).split())
+            raise ValueError(f"{key}: cannot read the weights of {ref!r}: {message}") from None
+
+
+def load_init_weights(model: Any, state: dict[str, Any], *, ref: str) -> None:
+    """Load ``state`` (strict) into ``model``; a mismatch is one ValueError line naming
+    ``train.init_weights`` and the first differing tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"train.init_weights: {ref!r} does not match the config's network (model.* keys): "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}"
+        )
+    model.load_state_dict(state)
 
 
 def build_augmenter(config: Config, *, rank: int):

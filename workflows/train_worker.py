@@ -17,6 +17,8 @@ from workflows.coco_metrics import VAL_METRIC
 from workflows.train_input import (
     build_augmenter,
     decode_batch,
+    init_weights_state,
+    load_init_weights,
     local_pretrained_backbone,
     train_stream,
     worker_threads,
@@ -48,6 +50,9 @@ class TrainState:
         model = build_model(
             local_pretrained_backbone(config).model, input_size=config.data.input_size
         )
+        init_state = init_weights_state(config)
+        if init_state is not None:
+            load_init_weights(model, init_state, ref=config.train.init_weights)
         optimizer = build_optimizer(model, config.train)
         scheduler = build_lr_schedule(optimizer, config.train, total_steps)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

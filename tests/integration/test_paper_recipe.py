@@ -18,6 +18,9 @@ PAPER_SETTINGS = {
     "model.pretrained_backbone": "none",  # overridden: tests never download
     "model.seg_block": "bottleneck",
     "model.mask_head": "two_class",
+    "model.backbone_style": "official",
+    "model.seg_style": "official",
+    "model.skeleton_rendering": "official",
     "model.template_shape": "aspect_kept",
     "model.mirror_templates": "True",
     "model.align_transform": "similarity",
