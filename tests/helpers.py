@@ -157,8 +157,9 @@ def evaluate_batches(
 def check_script_command(argv: list[str], where: str, *, parse: bool = True) -> None:
     """`python workflows/X.py ARGS` or `python benchmarks/X.py ARGS` (any python executable):
     the script exists, its module imports, its own ``build_parser()`` (when it has one) accepts
-    ARGS, and the config it names loads with its ``--set`` overrides. ``parse=False`` checks the
-    script and its module only (a documented command with placeholders)."""
+    ARGS, and its config (the one it names, else the defaults) loads with its ``--set``
+    overrides. ``parse=False`` checks the script and its module only (a documented command with
+    placeholders)."""
     assert len(argv) >= 2 and re.fullmatch(r"(?:\S*/)?python3?", argv[0]), f"{where}: {argv}"
     match = re.fullmatch(r"(workflows|benchmarks)/(\w+)\.py", argv[1])
     assert match, f"{where}: {argv[1]} is not a workflows/ or benchmarks/ script"
@@ -176,5 +177,6 @@ def check_script_command(argv: list[str], where: str, *, parse: bool = True) -> 
         args = module.build_parser().parse_args(argv[2:])
     except SystemExit as exc:
         raise AssertionError(f"{where}: {argv[1]} rejects the arguments {argv[2:]}") from exc
-    if getattr(args, "config", None):
-        load_config(str(REPO / args.config), getattr(args, "overrides", None))
+    if hasattr(args, "config"):  # the command's config with its overrides: the defaults without one
+        config = str(REPO / args.config) if args.config else None
+        load_config(config, getattr(args, "overrides", None))
