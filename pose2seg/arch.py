@@ -110,7 +110,14 @@ def _pose2seg_predict_rows(
             )
         )
     net = getattr(model, "module", model)
-    predictor = Predictor(net, templates, config.model, device, input_size=input_size)
+    predictor = Predictor(
+        net,
+        templates,
+        config.model,
+        device,
+        input_size=input_size,
+        precision=config.eval.mixed_precision,
+    )
     return predictor.predict_frames(frames)
 
 
@@ -187,11 +194,19 @@ def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Mod
     return architecture(config).build(config, input_size=input_size)
 
 
-def load_predictor(directory: str, *, device: str | torch.device = "cpu") -> Predictor:
+def load_predictor(
+    directory: str, *, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Predictor:
     """The :class:`pose2seg.inference.Predictor` of a checkpoint folder
     (:mod:`pose2seg.checkpoint`): its network, pose templates, model config and input size;
-    the one way batch inference, the pyfunc and the Serve replica load a checkpoint."""
+    the one way batch inference, the pyfunc and the Serve replica load a checkpoint.
+
+    ``precision``: one of :data:`pose2seg.config.PRECISIONS`, or ``from_checkpoint`` for the
+    checkpoint config's ``serve.mixed_precision``. A reduced precision also runs the network
+    channels-last where the architecture trains so (fp32 keeps the layout it always had)."""
     loaded = load_checkpoint(directory)
+    if precision == "from_checkpoint":
+        precision = loaded.config.serve.mixed_precision
     model = build_model(loaded.config.model)
     model.load_state_dict(loaded.model_state)
     predictor = Predictor(
@@ -200,6 +215,9 @@ def load_predictor(directory: str, *, device: str | torch.device = "cpu") -> Pre
         loaded.config.model,
         device=device,
         input_size=loaded.config.data.input_size,
+        precision=precision,
     )
+    if predictor.precision.dtype is not None and architecture(loaded.config).channels_last:
+        predictor.model = predictor.model.to(memory_format=torch.channels_last)
     predictor.training_config = loaded.config
     return predictor

@@ -31,6 +31,32 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
 
 
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+"""Values of the ``*.mixed_precision`` keys (resolved per device by :mod:`pose2seg.precision`)."""
+
+_PRECISION_ALIASES = {
+    "true": "auto",
+    "yes": "auto",
+    "1": "auto",
+    "false": "fp32",
+    "no": "fp32",
+    "0": "fp32",
+}
+
+
+def precision_setting(value: Any, key: str) -> str:
+    """A ``*.mixed_precision`` value as one of :data:`PRECISIONS`; the booleans of the former
+    boolean key still load (true = auto, false = fp32). Raises ConfigError naming the key."""
+    if isinstance(value, bool):
+        return "auto" if value else "fp32"
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        lowered = _PRECISION_ALIASES.get(lowered, lowered)
+        if lowered in PRECISIONS:
+            return lowered
+    raise ConfigError(f"{key}: must be one of {list(PRECISIONS)}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the raw dataset lives, how it is preprocessed and where the Parquet goes."""
@@ -279,8 +305,11 @@ class TrainConfig:
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
-    mixed_precision: bool = True
-    """bf16/fp16 autocast on GPU; ignored on CPU."""
+    mixed_precision: str = "auto"
+    """Training precision: ``auto`` (bf16 autocast on a GPU with bf16, else fp16 + GradScaler;
+    bf16 autocast on a CPU with native bf16 — AMX-BF16, AVX512-BF16 or Arm BF16 — else fp32),
+    ``bf16``, ``fp16`` or ``fp32``. Master weights and the loss stay fp32. The choice and its
+    reason are printed once and logged as the MLflow param ``train.precision_resolved``."""
     seed: int = 0
     """Seed of model init and data order."""
     storage_path: str = "runs"
@@ -311,6 +340,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _one_of(self.mixed_precision, "train.mixed_precision", PRECISIONS)
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -449,9 +479,13 @@ class EvalConfig:
     keys) unless declared here."""
     default_splits: list[str] = field(default_factory=lambda: ["val"])
     """Splits evaluate.py evaluates when no ``--split`` is given."""
+    mixed_precision: str = "auto"
+    """Precision of every batch prediction (training-time validation, evaluate.py, predict.py):
+    ``auto`` | ``bf16`` | ``fp16`` | ``fp32``, resolved per device as ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _one_of(self.mixed_precision, "eval.mixed_precision", PRECISIONS)
         bins = self.occlusion_bins
         _check(
             len(bins) >= 2 and all(a < b for a, b in zip(bins, bins[1:], strict=False)),
@@ -574,6 +608,9 @@ class ServeConfig:
     """URL path of the application."""
     app_name: str = "pose2seg"
     """Ray Serve application name (a redeploy under the same name replaces it)."""
+    mixed_precision: str = "auto"
+    """Precision of the Serve replicas (and the MLflow pyfunc): ``auto`` | ``bf16`` | ``fp16``
+    | ``fp32``, resolved per device as ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
@@ -589,6 +626,7 @@ class ServeConfig:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
         _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
         _check(bool(self.app_name), "serve.app_name", "must not be empty")
+        _one_of(self.mixed_precision, "serve.mixed_precision", PRECISIONS)
 
 
 SECTIONS: dict[str, type] = {
@@ -664,6 +702,8 @@ def _coerce(key: str, value: Any) -> Any:
     """Convert ``value`` to the declared type of ``key`` or raise ConfigError naming the key."""
     typ = _FIELD_TYPES[key]
     origin = typing.get_origin(typ)
+    if key.endswith(".mixed_precision"):
+        return precision_setting(value, key)
     try:
         if typ is bool:
             if isinstance(value, bool):

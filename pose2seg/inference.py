@@ -36,6 +36,7 @@ from pose2seg.input_frame import (
     resize_to_input_frame,
 )
 from pose2seg.ops import render_skeleton_features, transform_keypoints, warp_aligned_to_image
+from pose2seg.precision import resolve_precision
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import assign_templates
 
@@ -169,6 +170,9 @@ class Predictor:
         device: where the model runs.
         input_size: ``data.input_size`` of training: images are resized so their longer side is
             this, as in preprocessing.
+        precision: the forward pass's precision, one of :data:`pose2seg.config.PRECISIONS`
+            (``eval.mixed_precision`` / ``serve.mixed_precision``; resolved for ``device`` by
+            :func:`pose2seg.precision.resolve_precision`). Masks are made from fp32 logits.
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         *,
         input_size: int,
+        precision: str = "fp32",
     ) -> None:
         templates = np.asarray(templates, dtype=np.float32)
         if templates.ndim != 3 or templates.shape[1:] != (NUM_KEYPOINTS, 2):
@@ -189,6 +194,7 @@ class Predictor:
             raise ValueError(f"input_size (data.input_size) must be >= 32, got {input_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device.type)
         self.templates = templates
         self.config = config
         self.input_size = int(input_size)
@@ -331,8 +337,15 @@ class Predictor:
                 hidden_negative=self.config.hidden_keypoints == "negative",
             )
         images_t = normalise_images(padded.to(self.device))
-        with torch.no_grad():
+        dtype = self.precision.dtype
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ),
+        ):
             logits = self.model(images_t, batch_index, affines, skeleton)
+        logits = logits.float()
 
         results: list[dict[str, Any]] = []
         start = 0
