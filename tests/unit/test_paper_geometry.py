@@ -201,3 +201,21 @@ def test_preprocessing_builds_the_official_frame_targets_and_keeps_unlabelled_pe
         record, templates, ShardSettings.from_config(Config().with_overrides({}), "train")
     )
     assert schema.decode_row(ours)[schema.IMAGE].shape[:2] != (64, 64)
+
+
+def test_evaluation_feeds_unlabelled_people_only_when_asked():
+    from workflows.eval_io import gt_keypoints
+
+    labelled = [0.0] * 48 + [10.0, 20.0, 2.0]
+    gt = {
+        "images": [{"id": 1}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "keypoints": labelled, "iscrowd": 0},
+            {"id": 6, "image_id": 1, "iscrowd": 0},  # no keypoints at all
+            {"id": 7, "image_id": 1, "keypoints": [0.0] * 51, "iscrowd": 1},
+        ],
+    }
+    assert gt_keypoints(gt)[1].shape == (1, NUM_KEYPOINTS, 3)
+    every = gt_keypoints(gt, include_unlabelled=True)[1]
+    assert every.shape == (2, NUM_KEYPOINTS, 3)
+    assert every[1].sum() == 0 and every[0, 16].tolist() == [10.0, 20.0, 2.0]
