@@ -770,6 +770,13 @@ class Config:
                 "'official' needs model.template_selection=official (its index-convention "
                 "matrices)",
             )
+        if self.model.template_selection == "official":
+            _check(
+                self.data.input_size % 4 == 0,
+                "data.input_size",
+                f"must be a multiple of 4 with model.template_selection=official (the feature "
+                f"frame is the input / 4), got {self.data.input_size}",
+            )
 
     def to_flat(self) -> dict[str, Any]:
         """``{"model.roi_size": 64, ...}`` for every key (lists and dicts kept as values)."""

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pose2seg.fallback import image_affine
+from pose2seg.ops import align_features
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import Assignment, assign_templates
 
@@ -49,6 +49,7 @@ __all__ = [
     "assign_rois",
     "official_input_keypoints",
     "official_input_matrix",
+    "official_sampling_affines",
     "official_template_search",
     "orig_to_roi",
     "sampling_matrices",
@@ -351,6 +352,37 @@ def assign_rois(
 # ---------------------------------------------------------------------------------------------
 
 
+def official_sampling_affines(
+    affines: torch.Tensor, *, stride: float, feature_hw: tuple[int, int]
+) -> torch.Tensor:
+    """The affines (+0.5 convention, :func:`pose2seg.ops.align_features`) that sample exactly
+    where the official RoI sampling does.
+
+    The official sampling reads feature index ``S^-1 (j, i)`` for RoI pixel ``(j, i)``, with
+    ``S = [L | t']`` the sampling matrix (:func:`sampling_matrices` of ``m3 = [L | t]``, ``m3 =
+    affine diag(stride)``). :func:`pose2seg.ops.align_features` reads feature index
+    ``A^-1 (j + 1/2, i + 1/2) / stride - 1/2``; equal for ``A = [L / stride | t' - L (1/2, 1/2)
+    + 1/2]``. Bilinear weights and the zero padding are the same for both, so only the
+    position had to be matched.
+
+    Args:
+        affines: (P,2,3) input frame -> RoI, index convention (the official ``m3 m2``).
+        stride: input pixels per feature pixel.
+        feature_hw: (h, w) of the sampled feature map.
+
+    Returns:
+        (P,2,3) float64.
+    """
+    h, w = feature_hw
+    a64 = affines.double()
+    lin = a64[:, :, :2]
+    trans = a64[:, :, 2].clone()
+    trans[:, 0] *= (w - 1) / w
+    trans[:, 1] *= (h - 1) / h
+    trans = trans - 0.5 * lin.sum(dim=2) * stride + 0.5
+    return torch.cat([lin, trans[:, :, None]], dim=2)
+
+
 def align_features_official(
     features: torch.Tensor,
     batch_index: torch.Tensor,
@@ -364,7 +396,9 @@ def align_features_official(
     RoI pixel ``(j, i)`` (index) is the bilinear sample, zero outside, of the person's feature
     map at feature index ``inverse(m3')(j, i)``, where ``m3 = affine diag(stride, stride)`` is
     the feature -> RoI matrix and ``m3'`` its translation scaled by ``(w - 1) / w`` (x) and
-    ``(h - 1) / h`` (y) (:func:`sampling_matrices`).
+    ``(h - 1) / h`` (y) (:func:`sampling_matrices`): the net effect of the official 128-grid
+    ``affine_grid`` / ``grid_sample`` with ``align_corners=True`` cropped to S. Computed by
+    :func:`pose2seg.ops.align_features` with :func:`official_sampling_affines`.
 
     Args:
         features: (B,C,h,w).
@@ -377,34 +411,11 @@ def align_features_official(
         raise ValueError(f"features must have shape (B, C, h, w), got {tuple(features.shape)}")
     if affines.ndim != 3 or affines.shape[1:] != (2, 3):
         raise ValueError(f"affines must have shape (P, 2, 3), got {tuple(affines.shape)}")
-    if batch_index.shape != (affines.shape[0],):
-        raise ValueError(
-            f"batch_index must have shape ({affines.shape[0]},), got {tuple(batch_index.shape)}"
-        )
-    _, channels, h, w = features.shape
-    num_people = affines.shape[0]
-    if num_people == 0:
-        return features.new_zeros((0, channels, roi_size, roi_size)) + features.sum() * 0.0
-    m3 = affines.double().clone()
-    m3[:, :, :2] *= stride
-    m3[:, 0, 2] *= (w - 1) / w
-    m3[:, 1, 2] *= (h - 1) / h
-    lin = m3[:, :, :2]
-    inv_lin = torch.linalg.inv(lin)  # (P,2,2)
-    inv_t = -(inv_lin @ m3[:, :, 2:])  # (P,2,1)
-    ar = torch.arange(roi_size, dtype=torch.float64, device=affines.device)
-    ys, xs = torch.meshgrid(ar, ar, indexing="ij")
-    roi_pts = torch.stack([xs, ys], -1).reshape(1, -1, 2)  # (1,S*S,2) x, y
-    feat = roi_pts @ inv_lin.transpose(1, 2) + inv_t.transpose(1, 2)  # (P,S*S,2)
-    # align_corners=True: normalised -1 / +1 are the centres of the first / last pixels.
-    norm = torch.stack([feat[..., 0] * 2 / (w - 1) - 1, feat[..., 1] * 2 / (h - 1) - 1], -1)
-    grid = norm.reshape(num_people, roi_size, roi_size, 2).to(features.dtype)
-    return F.grid_sample(
-        features[batch_index.long()],
-        grid,
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
+    sampling = official_sampling_affines(
+        affines, stride=stride, feature_hw=(features.shape[2], features.shape[3])
+    )
+    return align_features(
+        features, batch_index, sampling.to(affines.dtype), roi_size=roi_size, stride=stride
     )
 
 

@@ -215,6 +215,7 @@ def test_roi_sampling_reads_the_official_positions(fixture):
     roi = align_features_official(
         features, torch.zeros(1, dtype=torch.long), identity, roi_size=64, stride=4
     )[0].numpy()
+    np.testing.assert_allclose(roi, p1[0, :, :64, :64], rtol=0, atol=1e-5)
     inside = (pos[:, 1] < 64) & (pos[:, 2] < 64)
     assert inside.sum() > 1000
     np.testing.assert_allclose(

@@ -62,6 +62,8 @@ def test_official_conventions_are_checked_together():
         Config().with_overrides({"data.input_frame": "official"})
     with pytest.raises(ConfigError, match="model.roi_geometry"):
         Config().with_overrides({"model.roi_geometry": "official"})
+    with pytest.raises(ConfigError, match="data.input_size"):
+        Config().with_overrides({"model.template_selection": "official", "data.input_size": 90})
     for key, value in (
         ("model.template_selection", "best"),
         ("model.unlabelled_people", "keep"),
