@@ -153,7 +153,11 @@ def process_image(
 
     Returns:
         ``(row, rejects)``; ``row`` is None when the image itself is rejected. People without a
-        usable keypoint are rejected (``no_keypoints``) and added to the ignore regions.
+        usable keypoint are rejected (``no_keypoints``) and added to the ignore regions, unless
+        ``model.unlabelled_people = whole_image`` keeps them (whole-image RoI). With
+        ``data.input_frame = official`` the stored image is the whole official square frame
+        and ``scale`` its ``m1[0, 0]`` (the offset follows from the sizes,
+        :func:`pose2seg.paper_geometry.official_input_matrix`).
         ``max_ious`` missing from the annotations are computed from the visible boxes of the
         image's annotated people.
     """
