@@ -160,7 +160,10 @@ def test_acceptance_rule_and_hard_rule(templates):
 
 
 def test_assign_rois_gives_the_official_orig_to_roi(fixture, templates):
+    """From the input keypoints to ``orig_to_roi`` and to the RoI keypoints the skeleton
+    renderer is given (``keypoints_in_roi``, index convention, v = 0 rows zero)."""
     from pose2seg.paper_geometry import assign_rois, official_input_keypoints, orig_to_roi
+    from pose2seg.templates import apply_affine
 
     people = fixture["people"]
     for k, image in enumerate(fixture["ref"]["images"]):
@@ -183,6 +186,9 @@ def test_assign_rois_gives_the_official_orig_to_roi(fixture, templates):
         np.testing.assert_allclose(
             orig_to_roi(assignment.affines, m1), people["orig_to_roi"][rows], rtol=0, atol=1e-4
         )
+        in_roi = apply_affine(kin, assignment.affines)
+        in_roi[in_roi[..., 2] == 0] = 0.0
+        np.testing.assert_allclose(in_roi, people["keypoints_in_roi"][rows], rtol=0, atol=1e-4)
 
 
 def _bilinear_zero(feature: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
