@@ -102,10 +102,17 @@ class DataConfig:
     """Synthetic generator, val split (every val image has >= 2 people): heavy occlusion."""
     synthetic_seed: int = 0
     """Synthetic generator seed; the dataset is a pure function of the synthetic_* keys."""
+    input_frame: str = "ours"
+    """How an image and its keypoints enter the input frame: ``ours`` (resized so the longer
+    side is ``data.input_size``, antialiased, pasted top-left) or ``official`` (the official
+    code: keypoints truncated to integers, the image centred in the ``input_size`` square and
+    resampled by OpenCV's ``warpAffine``, bilinear without antialiasing; pixel centres on
+    integers). See docs/paper_geometry.md."""
 
     def validate(self) -> None:
         _one_of(self.source, "data.source", ("synthetic", "coco"))
         _one_of(self.image_encoding, "data.image_encoding", ("png", "jpeg"))
+        _one_of(self.input_frame, "data.input_frame", ("ours", "official"))
         _check(32 <= self.input_size <= 2048, "data.input_size", "must be in [32, 2048]")
         _check(self.images_per_shard >= 1, "data.images_per_shard", "must be >= 1")
         _check(
@@ -169,6 +176,27 @@ class ModelConfig:
     templates_file: str = ""
     """Path or URI of templates in the official ``templates.json`` layout, used instead of
     fitting (``model.num_templates`` and ``model.template_shape`` are then ignored)."""
+    template_scale: float = 1.1
+    """Scale of the ``model.templates_file`` coordinates around the frame centre (official code
+    at the fixture's commit: 1.0; ours 1.1, an older official commit's factor)."""
+    template_selection: str = "ours"
+    """How each person's template (RoI) is chosen: ``ours`` (weighted fit, see
+    pose2seg/templates.py) or ``official`` (the official search: similarity fit by OpenCV's
+    float32 SVD with all labelled keypoints alike, score mean(exp(-err)) x shared/union joints,
+    a template taken only if its score beats the best so far and its scale exceeds the
+    whole-image scale, else the whole input frame; ``model.align_transform``,
+    ``model.fallback`` and ``model.fallback_min_size`` are then not used). See
+    docs/paper_geometry.md."""
+    unlabelled_people: str = "drop"
+    """People with no labelled keypoint (all v = 0): ``drop`` (rejected in preprocessing, no
+    prediction) or ``whole_image`` (the network's output over the whole-image RoI, as the
+    official code)."""
+    roi_geometry: str = "ours"
+    """Sub-pixel conventions of the RoI: ``ours`` (pixel centres at +0.5, ``grid_sample`` with
+    ``align_corners=False`` both ways) or ``official`` (pixel centres on integers, the official
+    RoI sampling with its (F - 1) / F translation, the inverse warp by OpenCV's
+    ``warpAffine``, training targets warped by OpenCV as the official loss does). See
+    docs/paper_geometry.md."""
     hidden_keypoints: str = "negative"
     """Heatmap of a hidden (v = 1) keypoint: ``negative`` (the official code; the default since
     the ablation of issue 15) or ``positive`` like a visible one."""
@@ -224,6 +252,10 @@ class ModelConfig:
         _one_of(self.align_transform, "model.align_transform", ("affine", "similarity"))
         _one_of(self.template_shape, "model.template_shape", ("stretched", "aspect_kept"))
         _one_of(self.hidden_keypoints, "model.hidden_keypoints", ("positive", "negative"))
+        _check(0.0 < self.template_scale <= 4.0, "model.template_scale", "must be in (0, 4]")
+        _one_of(self.template_selection, "model.template_selection", ("ours", "official"))
+        _one_of(self.unlabelled_people, "model.unlabelled_people", ("drop", "whole_image"))
+        _one_of(self.roi_geometry, "model.roi_geometry", ("ours", "official"))
         _one_of(self.seg_block, "model.seg_block", ("basic", "bottleneck"))
         _one_of(self.mask_head, "model.mask_head", ("logit", "two_class"))
         if self.templates_file and "://" not in self.templates_file:
@@ -688,6 +720,11 @@ PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
     "model.mirror_templates",
     "model.templates_file",
     "model.hidden_keypoints",
+    "model.template_scale",
+    "model.template_selection",
+    "model.unlabelled_people",
+    "model.roi_geometry",
+    "data.input_frame",
 )
 
 
@@ -758,6 +795,28 @@ class Config:
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
+        # The official conventions build on each other: its input frame and RoI sampling use
+        # the index-convention matrices that only the official search computes.
+        if self.data.input_frame == "official":
+            _check(
+                self.model.roi_geometry == "official",
+                "data.input_frame",
+                "'official' needs model.roi_geometry=official (pixel centres on integers)",
+            )
+        if self.model.roi_geometry == "official":
+            _check(
+                self.model.template_selection == "official",
+                "model.roi_geometry",
+                "'official' needs model.template_selection=official (its index-convention "
+                "matrices)",
+            )
+        if self.model.template_selection == "official":
+            _check(
+                self.data.input_size % 4 == 0,
+                "data.input_size",
+                f"must be a multiple of 4 with model.template_selection=official (the feature "
+                f"frame is the input / 4), got {self.data.input_size}",
+            )
 
     def to_flat(self) -> dict[str, Any]:
         """``{"model.roi_size": 64, ...}`` for every key (lists and dicts kept as values)."""
