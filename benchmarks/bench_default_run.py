@@ -43,6 +43,7 @@ from benchmarks import common  # noqa: E402
 
 WARNING_RE = re.compile(r"PYTHON worker processes have been started")
 EPOCH_RE = re.compile(r"\[pose2seg\] epoch (\d+)/(\d+)  loss")
+PRECISION_RE = re.compile(r"\[pose2seg\] training precision: (.*)$")
 VALIDATING_RE = re.compile(r"\[pose2seg\] epoch (\d+)/(\d+)  trained .*validating")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: set[str] = set()
     warnings: list[str] = []
     log_lines: list[str] = []
+    precision = "not printed"
 
     def mark(name: str) -> None:
         if name not in seen:
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             mark(f"epoch{m.group(1)}_validated")
         elif line.startswith("=" * 20) and "epochs_done" not in seen:
             mark("epochs_done")  # the summary's first rule
+        if (m := PRECISION_RE.search(line)) and "precision" not in seen:
+            seen.add("precision")
+            precision = m.group(1).strip()
         if WARNING_RE.search(line):
             warnings.append(line.strip())
     rc = proc.wait()
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     census = worker_census(ray_tmp)
     result = {
         "label": args.label,
+        "training_precision": precision,
+        "cpu_native_bf16_flags": machine["cpu_native_bf16_flags"],
         "command": cmd,
         "returncode": rc,
         "wall_s": round(wall, 2),
@@ -260,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_end": common.load_average(),
         "workdir": workdir if args.keep else None,
     }
+    bf16 = ", ".join(machine["cpu_native_bf16_flags"]) or "none"
     print(
-        f"\nwall {wall:.0f} s, CPU {sampler.cpu:.0f} s, Ray worker processes "
+        f"\nprecision {precision}; CPU native bf16: {bf16}; wall {wall:.0f} s, CPU {sampler.cpu:.0f} s, Ray worker processes "
         f"{census['python_worker_processes']}, worker-pool warnings {len(warnings)}, "
         f"peak memory of the tree {sampler.peak_pss / 2**30:.2f} GiB (PSS; RSS summed "
         f"{sampler.peak_rss / 2**30:.2f} GiB)",

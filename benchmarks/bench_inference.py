@@ -76,8 +76,14 @@ def bench_in_process(model, templates, config, images, items, *, device, repeats
     from pose2seg.inference import Predictor
 
     predictor = Predictor(
-        model, templates, config.model, device=device, input_size=config.data.input_size
+        model,
+        templates,
+        config.model,
+        device=device,
+        input_size=config.data.input_size,
+        precision=config.eval.mixed_precision,
     )
+    print(f"{device}: precision {predictor.precision.describe()}", flush=True)
     sync = None
     if device == "cuda":
         import torch
@@ -106,7 +112,7 @@ def bench_in_process(model, templates, config, images, items, *, device, repeats
             )
         return count
 
-    out = {}
+    out = {"precision": predictor.precision.describe()}
     for name, fn in (("predict", one_by_one), (f"predict_batch_{bs}", batched)):
         reps = common.repeat(fn, repeats=repeats, warmup=warmup, sync=sync)
         out[name] = {
@@ -134,9 +140,12 @@ def bench_ray(items, config, checkpoint_dir, *, actors, use_gpu, repeats):
 
 
 def _print_in_process(label: str, figures: dict) -> None:
+    precision = figures["precision"]
     for name, f in figures.items():
+        if name == "precision":
+            continue
         print(
-            f"{label} {name}: {f['images_per_s_wall']:.1f} images/s, {f['people_per_s_wall']:.1f} "
+            f"{label} {name} [{precision}]: {f['images_per_s_wall']:.1f} images/s, {f['people_per_s_wall']:.1f} "
             f"people/s (wall; by CPU time {f['images_per_s_cpu']:.1f} images/s, "
             f"{f['people_per_s_cpu']:.1f} people/s)",
             flush=True,

@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda but torch.cuda.is_available() is False")
         overrides["serve.use_gpu"] = True
     base = config.with_overrides(overrides)
+    from pose2seg.precision import resolve_precision
+
+    replica_precision = resolve_precision(base.serve.mixed_precision, args.device)
+    print(f"replica precision: {replica_precision.describe()}", flush=True)
     print(
         f"{len(bodies)} val images, {people} people (mean {people / len(bodies):.1f} per request); "
         f"model {config.model.arch} ResNet-{config.model.backbone_depth} with RANDOM weights, "
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(bodies),
         "people": people,
         "device": args.device,
+        "replica_precision": replica_precision.describe(),
         "serve": {
             "cpus_per_replica": base.serve.cpus_per_replica,
             "max_batch_size": base.serve.max_batch_size,

@@ -91,6 +91,8 @@ def machine_info() -> dict[str, Any]:
     """Where the figures were measured: CPUs, torch threads, versions, GPU, git commit, load."""
     import torch
 
+    from pose2seg.precision import cpu_bf16_flags
+
     try:
         usable_cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
@@ -110,6 +112,7 @@ def machine_info() -> dict[str, Any]:
         "pycocotools": _version("pycocotools"),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_native_bf16_flags": list(cpu_bf16_flags()),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty_tracked_files": None if status is None else len(status.splitlines()),
         "load_average_1_5_15min": load_average(),
@@ -179,7 +182,8 @@ def print_header(title: str, machine: dict[str, Any]) -> None:
     gpu = machine["gpu"] or "no GPU"
     print(
         f"== {title} ==\n"
-        f"machine: {machine['usable_cpus']} usable CPUs ({machine['cpu_model']}), {gpu}; "
+        f"machine: {machine['usable_cpus']} usable CPUs ({machine['cpu_model']}; native bf16: "
+        f"{', '.join(machine.get('cpu_native_bf16_flags') or []) or 'none'}), {gpu}; "
         f"torch {machine['torch']}, ray {machine['ray']}; commit {str(machine['git_commit'])[:12]}; "
         f"load average {machine['load_average_1_5_15min']}",
         flush=True,

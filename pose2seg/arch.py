@@ -30,6 +30,7 @@ from pose2seg.maskrcnn import (
     detection_train_step,
 )
 from pose2seg.model import Pose2Seg
+from pose2seg.paper_geometry import official_input_keypoints, official_input_matrix
 
 __all__ = ["ARCHITECTURES", "Architecture", "architecture", "build_model", "load_predictor"]
 
@@ -85,12 +86,16 @@ def _pose2seg_predict_rows(
     if templates is None or keypoints is None:
         raise ValueError("Pose2Seg predicts from the model's templates and the keypoints")
     input_size = config.data.input_size
+    official_frame = config.data.input_frame == "official"
     frames = []
     for row in rows:
         image_id = int(row["image_id"])
         image = row["image"]
         orig_hw = (int(row["orig_height"]), int(row["orig_width"]))
-        scale, h, w = input_frame_size(orig_hw, input_size)
+        if official_frame:
+            h = w = input_size
+        else:
+            scale, h, w = input_frame_size(orig_hw, input_size)
         if image.shape[:2] != (h, w):
             raise ValueError(
                 f"image {image_id}: the stored val image is {image.shape[0]}x{image.shape[1]}, "
@@ -100,17 +105,36 @@ def _pose2seg_predict_rows(
             raise ValueError(
                 f"image {image_id}: stored in the val Parquet but not in its annotations"
             )
-        frames.append(
-            InputFrame(
+        if official_frame:
+            # The stored image is the official frame: the same m1 maps the keypoints.
+            m1 = official_input_matrix(orig_hw, input_size)
+            frame = InputFrame(
+                image_id=image_id,
+                image=image,
+                keypoints=official_input_keypoints(keypoints[image_id], m1),
+                orig_hw=orig_hw,
+                scale=float(m1[0, 0]),
+                input_matrix=m1,
+            )
+        else:
+            frame = InputFrame(
                 image_id=image_id,
                 image=image,
                 keypoints=input_frame_keypoints(keypoints[image_id], scale),
                 orig_hw=orig_hw,
                 scale=scale,
             )
-        )
+        frames.append(frame)
     net = getattr(model, "module", model)
-    predictor = Predictor(net, templates, config.model, device, input_size=input_size)
+    predictor = Predictor(
+        net,
+        templates,
+        config.model,
+        device,
+        input_size=input_size,
+        precision=config.eval.mixed_precision,
+        input_frame=config.data.input_frame,
+    )
     return predictor.predict_frames(frames)
 
 
@@ -187,11 +211,19 @@ def build_model(config: ModelConfig, *, input_size: int | None = None) -> nn.Mod
     return architecture(config).build(config, input_size=input_size)
 
 
-def load_predictor(directory: str, *, device: str | torch.device = "cpu") -> Predictor:
+def load_predictor(
+    directory: str, *, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Predictor:
     """The :class:`pose2seg.inference.Predictor` of a checkpoint folder
     (:mod:`pose2seg.checkpoint`): its network, pose templates, model config and input size;
-    the one way batch inference, the pyfunc and the Serve replica load a checkpoint."""
+    the one way batch inference, the pyfunc and the Serve replica load a checkpoint.
+
+    ``precision``: one of :data:`pose2seg.config.PRECISIONS`, or ``from_checkpoint`` for the
+    checkpoint config's ``serve.mixed_precision``. A reduced precision also runs the network
+    channels-last where the architecture trains so (fp32 keeps the layout it always had)."""
     loaded = load_checkpoint(directory)
+    if precision == "from_checkpoint":
+        precision = loaded.config.serve.mixed_precision
     model = build_model(loaded.config.model)
     model.load_state_dict(loaded.model_state)
     predictor = Predictor(
@@ -200,6 +232,10 @@ def load_predictor(directory: str, *, device: str | torch.device = "cpu") -> Pre
         loaded.config.model,
         device=device,
         input_size=loaded.config.data.input_size,
+        precision=precision,
+        input_frame=loaded.config.data.input_frame,
     )
+    if predictor.precision.dtype is not None and architecture(loaded.config).channels_last:
+        predictor.model = predictor.model.to(memory_format=torch.channels_last)
     predictor.training_config = loaded.config
     return predictor

@@ -61,6 +61,8 @@ class AugmentSettings:
     shift: float = 0.0
     occlusion_keypoint_prob: float = 0.0
     occlusion_box_prob: float = 0.0
+    index_convention: bool = False
+    """``model.roi_geometry = official``: the affines map pixel indices (centres on integers)."""
 
     @classmethod
     def from_config(cls, config) -> AugmentSettings:
@@ -77,6 +79,7 @@ class AugmentSettings:
             shift=train.augment_shift,
             occlusion_keypoint_prob=train.occlusion_keypoint_prob,
             occlusion_box_prob=train.occlusion_box_prob,
+            index_convention=model.roi_geometry == "official",
         )
 
     @property
@@ -252,8 +255,14 @@ def augment_batch(
             generator=generator,
         ).to(affines.device)
         affines = compose_affines(perturb, affines.to(torch.float32))
+        warp = affines
+        if settings.index_convention:
+            # The same map between pixel centres in the +0.5 convention of the warp below:
+            # T(+0.5) A T(-0.5).
+            warp = affines.clone()
+            warp[:, :, 2] += 0.5 - 0.5 * affines[:, :, :2].sum(dim=2)
         targets = warp_masks_to_aligned(
-            input_masks.to(affines.device), affines, roi_size=settings.roi_size
+            input_masks.to(affines.device), warp, roi_size=settings.roi_size
         )
     kpts = transform_keypoints(batch.keypoints.to(affines.device, torch.float32), affines)
     if settings.occlusion:
@@ -271,6 +280,7 @@ def augment_batch(
         width_px=settings.width_px,
         hidden_negative=settings.hidden_negative,
         rendering=settings.rendering,
+        index_convention=settings.index_convention,
     )
     skeleton = torch.round(skeleton * _QUANT) / _QUANT
     return dataclasses.replace(batch, affines=affines, skeleton=skeleton, targets=targets)

@@ -31,6 +31,32 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
 
 
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+"""Values of the ``*.mixed_precision`` keys (resolved per device by :mod:`pose2seg.precision`)."""
+
+_PRECISION_ALIASES = {
+    "true": "auto",
+    "yes": "auto",
+    "1": "auto",
+    "false": "fp32",
+    "no": "fp32",
+    "0": "fp32",
+}
+
+
+def precision_setting(value: Any, key: str) -> str:
+    """A ``*.mixed_precision`` value as one of :data:`PRECISIONS`; the booleans of the former
+    boolean key still load (true = auto, false = fp32). Raises ConfigError naming the key."""
+    if isinstance(value, bool):
+        return "auto" if value else "fp32"
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        lowered = _PRECISION_ALIASES.get(lowered, lowered)
+        if lowered in PRECISIONS:
+            return lowered
+    raise ConfigError(f"{key}: must be one of {list(PRECISIONS)}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the raw dataset lives, how it is preprocessed and where the Parquet goes."""
@@ -76,10 +102,17 @@ class DataConfig:
     """Synthetic generator, val split (every val image has >= 2 people): heavy occlusion."""
     synthetic_seed: int = 0
     """Synthetic generator seed; the dataset is a pure function of the synthetic_* keys."""
+    input_frame: str = "ours"
+    """How an image and its keypoints enter the input frame: ``ours`` (resized so the longer
+    side is ``data.input_size``, antialiased, pasted top-left) or ``official`` (the official
+    code: keypoints truncated to integers, the image centred in the ``input_size`` square and
+    resampled by OpenCV's ``warpAffine``, bilinear without antialiasing; pixel centres on
+    integers). See docs/paper_geometry.md."""
 
     def validate(self) -> None:
         _one_of(self.source, "data.source", ("synthetic", "coco"))
         _one_of(self.image_encoding, "data.image_encoding", ("png", "jpeg"))
+        _one_of(self.input_frame, "data.input_frame", ("ours", "official"))
         _check(32 <= self.input_size <= 2048, "data.input_size", "must be in [32, 2048]")
         _check(self.images_per_shard >= 1, "data.images_per_shard", "must be >= 1")
         _check(
@@ -143,6 +176,27 @@ class ModelConfig:
     templates_file: str = ""
     """Path or URI of templates in the official ``templates.json`` layout, used instead of
     fitting (``model.num_templates`` and ``model.template_shape`` are then ignored)."""
+    template_scale: float = 1.1
+    """Scale of the ``model.templates_file`` coordinates around the frame centre (official code
+    at the fixture's commit: 1.0; ours 1.1, an older official commit's factor)."""
+    template_selection: str = "ours"
+    """How each person's template (RoI) is chosen: ``ours`` (weighted fit, see
+    pose2seg/templates.py) or ``official`` (the official search: similarity fit by OpenCV's
+    float32 SVD with all labelled keypoints alike, score mean(exp(-err)) x shared/union joints,
+    a template taken only if its score beats the best so far and its scale exceeds the
+    whole-image scale, else the whole input frame; ``model.align_transform``,
+    ``model.fallback`` and ``model.fallback_min_size`` are then not used). See
+    docs/paper_geometry.md."""
+    unlabelled_people: str = "drop"
+    """People with no labelled keypoint (all v = 0): ``drop`` (rejected in preprocessing, no
+    prediction) or ``whole_image`` (the network's output over the whole-image RoI, as the
+    official code)."""
+    roi_geometry: str = "ours"
+    """Sub-pixel conventions of the RoI: ``ours`` (pixel centres at +0.5, ``grid_sample`` with
+    ``align_corners=False`` both ways) or ``official`` (pixel centres on integers, the official
+    RoI sampling with its (F - 1) / F translation, the inverse warp by OpenCV's
+    ``warpAffine``, training targets warped by OpenCV as the official loss does). See
+    docs/paper_geometry.md."""
     hidden_keypoints: str = "negative"
     """Heatmap of a hidden (v = 1) keypoint: ``negative`` (the official code; the default since
     the ablation of issue 15) or ``positive`` like a visible one."""
@@ -214,6 +268,10 @@ class ModelConfig:
         _one_of(self.align_transform, "model.align_transform", ("affine", "similarity"))
         _one_of(self.template_shape, "model.template_shape", ("stretched", "aspect_kept"))
         _one_of(self.hidden_keypoints, "model.hidden_keypoints", ("positive", "negative"))
+        _check(0.0 < self.template_scale <= 4.0, "model.template_scale", "must be in (0, 4]")
+        _one_of(self.template_selection, "model.template_selection", ("ours", "official"))
+        _one_of(self.unlabelled_people, "model.unlabelled_people", ("drop", "whole_image"))
+        _one_of(self.roi_geometry, "model.roi_geometry", ("ours", "official"))
         _one_of(self.seg_block, "model.seg_block", ("basic", "bottleneck"))
         _one_of(self.mask_head, "model.mask_head", ("logit", "two_class"))
         if self.templates_file and "://" not in self.templates_file:
@@ -305,8 +363,11 @@ class TrainConfig:
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
-    mixed_precision: bool = True
-    """bf16/fp16 autocast on GPU; ignored on CPU."""
+    mixed_precision: str = "auto"
+    """Training precision: ``auto`` (bf16 autocast on a GPU with bf16, else fp16 + GradScaler;
+    bf16 autocast on a CPU with native bf16 — AMX-BF16, AVX512-BF16 or Arm BF16 — else fp32),
+    ``bf16``, ``fp16`` or ``fp32``. Master weights and the loss stay fp32. The choice and its
+    reason are printed once and logged as the MLflow param ``train.precision_resolved``."""
     seed: int = 0
     """Seed of model init and data order."""
     storage_path: str = "runs"
@@ -342,6 +403,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _one_of(self.mixed_precision, "train.mixed_precision", PRECISIONS)
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -480,9 +542,13 @@ class EvalConfig:
     keys) unless declared here."""
     default_splits: list[str] = field(default_factory=lambda: ["val"])
     """Splits evaluate.py evaluates when no ``--split`` is given."""
+    mixed_precision: str = "auto"
+    """Precision of every batch prediction (training-time validation, evaluate.py, predict.py):
+    ``auto`` | ``bf16`` | ``fp16`` | ``fp32``, resolved per device as ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _one_of(self.mixed_precision, "eval.mixed_precision", PRECISIONS)
         bins = self.occlusion_bins
         _check(
             len(bins) >= 2 and all(a < b for a, b in zip(bins, bins[1:], strict=False)),
@@ -605,6 +671,9 @@ class ServeConfig:
     """URL path of the application."""
     app_name: str = "pose2seg"
     """Ray Serve application name (a redeploy under the same name replaces it)."""
+    mixed_precision: str = "auto"
+    """Precision of the Serve replicas (and the MLflow pyfunc): ``auto`` | ``bf16`` | ``fp16``
+    | ``fp32``, resolved per device as ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
@@ -620,6 +689,7 @@ class ServeConfig:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
         _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
         _check(bool(self.app_name), "serve.app_name", "must not be empty")
+        _one_of(self.mixed_precision, "serve.mixed_precision", PRECISIONS)
 
 
 SECTIONS: dict[str, type] = {
@@ -681,6 +751,11 @@ PREPROCESS_KEYS_IF_SET: tuple[str, ...] = (
     "model.mirror_templates",
     "model.templates_file",
     "model.hidden_keypoints",
+    "model.template_scale",
+    "model.template_selection",
+    "model.unlabelled_people",
+    "model.roi_geometry",
+    "data.input_frame",
     "model.skeleton_rendering",
 )
 
@@ -696,6 +771,8 @@ def _coerce(key: str, value: Any) -> Any:
     """Convert ``value`` to the declared type of ``key`` or raise ConfigError naming the key."""
     typ = _FIELD_TYPES[key]
     origin = typing.get_origin(typ)
+    if key.endswith(".mixed_precision"):
+        return precision_setting(value, key)
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -750,6 +827,28 @@ class Config:
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
+        # The official conventions build on each other: its input frame and RoI sampling use
+        # the index-convention matrices that only the official search computes.
+        if self.data.input_frame == "official":
+            _check(
+                self.model.roi_geometry == "official",
+                "data.input_frame",
+                "'official' needs model.roi_geometry=official (pixel centres on integers)",
+            )
+        if self.model.roi_geometry == "official":
+            _check(
+                self.model.template_selection == "official",
+                "model.roi_geometry",
+                "'official' needs model.template_selection=official (its index-convention "
+                "matrices)",
+            )
+        if self.model.template_selection == "official":
+            _check(
+                self.data.input_size % 4 == 0,
+                "data.input_size",
+                f"must be a multiple of 4 with model.template_selection=official (the feature "
+                f"frame is the input / 4), got {self.data.input_size}",
+            )
 
     def to_flat(self) -> dict[str, Any]:
         """``{"model.roi_size": 64, ...}`` for every key (lists and dicts kept as values)."""

@@ -14,7 +14,10 @@ Preprocessing stores exactly what :func:`resize_to_input_frame` returns (the sam
 start from the stored input-frame image (lossless PNG) instead of the original file.
 
 People with no usable keypoint (all v = 0) cannot be aligned: the Predictor returns no result
-for them.
+for them, unless ``model.unlabelled_people = whole_image`` (the official code), which gives them
+the network's output over the whole-image RoI. The official geometry (``data.input_frame``,
+``model.template_selection``, ``model.roi_geometry`` set to ``official``) is
+:mod:`pose2seg.paper_geometry`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ from pose2seg.input_frame import (
     resize_to_input_frame,
 )
 from pose2seg.ops import render_skeleton_features, transform_keypoints, warp_aligned_to_image
+from pose2seg.paper_geometry import (
+    assign_rois,
+    official_input_keypoints,
+    orig_to_roi,
+    warp_probs_to_image_official,
+    warp_to_official_input_frame,
+)
+from pose2seg.precision import resolve_precision
 from pose2seg.skeleton import NUM_KEYPOINTS
 from pose2seg.templates import assign_templates
 
@@ -46,6 +57,8 @@ __all__ = [
     "input_frame_keypoints",
     "input_frame_size",
     "logits_to_instances",
+    "logits_to_instances_official",
+    "official_input_frame",
     "resize_to_input_frame",
     "to_input_frame",
 ]
@@ -67,12 +80,46 @@ class InputFrame:
     """(H, W) of the original image: the masks come out in this frame."""
     scale: float
     """input = orig * scale."""
+    input_matrix: np.ndarray | None = None
+    """(2,3) float32 original -> input frame in the index convention when the frame is the
+    official one (``data.input_frame = official``, :func:`official_input_frame`); None for ours."""
+
+
+def official_input_frame(
+    image: np.ndarray, keypoints: np.ndarray, *, input_size: int, image_id: int = 0
+) -> InputFrame:
+    """The official input frame (:mod:`pose2seg.paper_geometry`): the image centred in the
+    ``input_size`` square by OpenCV, the keypoints truncated to integers and mapped alike."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"image {image_id}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
+        )
+    warped, m1 = warp_to_official_input_frame(image, input_size)
+    return InputFrame(
+        image_id=int(image_id),
+        image=warped,
+        keypoints=official_input_keypoints(keypoints, m1),
+        orig_hw=(int(image.shape[0]), int(image.shape[1])),
+        scale=float(m1[0, 0]),
+        input_matrix=m1,
+    )
 
 
 def to_input_frame(
-    image: np.ndarray, keypoints: np.ndarray, *, input_size: int, image_id: int = 0
+    image: np.ndarray,
+    keypoints: np.ndarray,
+    *,
+    input_size: int,
+    image_id: int = 0,
+    frame: str = "ours",
 ) -> InputFrame:
-    """An original image and its ``(N, K, 3)`` original-frame keypoints -> an :class:`InputFrame`."""
+    """An original image and its ``(N, K, 3)`` original-frame keypoints -> an :class:`InputFrame`
+    (``frame``: ``data.input_frame``, ``ours`` or ``official``)."""
+    if frame == "official":
+        return official_input_frame(image, keypoints, input_size=input_size, image_id=image_id)
+    if frame != "ours":
+        raise ValueError(f"input frame must be 'ours' or 'official', got {frame!r}")
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
@@ -135,6 +182,42 @@ def logits_to_instances(
     return masks, scores.to(torch.float32)
 
 
+def logits_to_instances_official(
+    logits: torch.Tensor,
+    orig_to_roi_matrices: np.ndarray,
+    *,
+    out_hw: tuple[int, int],
+    threshold: float,
+    exclusive: bool = False,
+    score: str = "one",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logits_to_instances` with the official inverse warp
+    (:func:`pose2seg.paper_geometry.warp_probs_to_image_official`, OpenCV, index convention).
+
+    Args:
+        logits: (P,S,S) mask logits (the foreground-minus-background difference of a
+            two-class head: its sigmoid is the softmax foreground probability).
+        orig_to_roi_matrices: (P,2,3) original image -> RoI, index convention.
+        out_hw, threshold, exclusive, score: as :func:`logits_to_instances`.
+    """
+    if score not in ("mean_prob", "one"):
+        raise ValueError(f"score must be 'mean_prob' or 'one', got {score!r}")
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
+    probs_roi = torch.sigmoid(logits.detach().float()).cpu().numpy()
+    probs = torch.from_numpy(warp_probs_to_image_official(probs_roi, orig_to_roi_matrices, out_hw))
+    masks = probs > threshold
+    if exclusive and probs.shape[0] > 1:
+        owner = probs.argmax(dim=0)
+        masks &= owner[None] == torch.arange(probs.shape[0])[:, None, None]
+    area = masks.flatten(1).sum(1)
+    total = (probs * masks).flatten(1).sum(1)
+    scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
+    if score == "one":
+        scores = torch.ones_like(scores)
+    return masks, scores.to(torch.float32)
+
+
 def encode_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
     """COCO compressed RLE of each mask, JSON-ready.
 
@@ -169,6 +252,10 @@ class Predictor:
         device: where the model runs.
         input_size: ``data.input_size`` of training: images are resized so their longer side is
             this, as in preprocessing.
+        precision: the forward pass's precision, one of :data:`pose2seg.config.PRECISIONS`
+            (``eval.mixed_precision`` / ``serve.mixed_precision``; resolved for ``device`` by
+            :func:`pose2seg.precision.resolve_precision`). Masks are made from fp32 logits.
+        input_frame: ``data.input_frame`` of training (``ours`` or ``official``).
     """
 
     def __init__(
@@ -179,6 +266,8 @@ class Predictor:
         device: str | torch.device = "cpu",
         *,
         input_size: int,
+        precision: str = "fp32",
+        input_frame: str = "ours",
     ) -> None:
         templates = np.asarray(templates, dtype=np.float32)
         if templates.ndim != 3 or templates.shape[1:] != (NUM_KEYPOINTS, 2):
@@ -189,9 +278,15 @@ class Predictor:
             raise ValueError(f"input_size (data.input_size) must be >= 32, got {input_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device.type)
         self.templates = templates
         self.config = config
         self.input_size = int(input_size)
+        if input_frame not in ("ours", "official"):
+            raise ValueError(
+                f"input_frame (data.input_frame) must be 'ours' or 'official', got {input_frame!r}"
+            )
+        self.input_frame = input_frame
         # The whole config the model was trained with, when loaded from a checkpoint.
         self.training_config: Config | None = None
 
@@ -239,7 +334,13 @@ class Predictor:
         if len(image_ids) != len(images) or (boxes is not None and len(boxes) != len(images)):
             raise ValueError("image_ids and boxes must have one entry per image")
         frames = [
-            to_input_frame(image, kpts, input_size=self.input_size, image_id=int(image_id))
+            to_input_frame(
+                image,
+                kpts,
+                input_size=self.input_size,
+                image_id=int(image_id),
+                frame=self.input_frame,
+            )
             for image, kpts, image_id in zip(images, keypoints, image_ids, strict=True)
         ]
         frame_boxes = None
@@ -296,23 +397,39 @@ class Predictor:
             kpts_in = np.asarray(frame.keypoints, dtype=np.float32).reshape(-1, NUM_KEYPOINTS, 3)
             image_boxes = None if boxes is None or boxes[b] is None else np.asarray(boxes[b])
             keep = (kpts_in[..., 2] > 0).any(axis=1)
+            if self.config.unlabelled_people == "whole_image":
+                keep[:] = True
             if image_boxes is not None:
                 keep |= image_boxes[:, 2:].max(axis=1) > 0
             index = np.flatnonzero(keep)
             affines = np.zeros((0, 2, 3), np.float32)
             fallback = np.zeros(0, dtype=bool)
             if len(index):
-                assignment = assign_templates(
-                    kpts_in[index],
-                    self.templates,
-                    roi_size=size,
-                    alignment=self.config.alignment,
-                    boxes=None if image_boxes is None else image_boxes[index],
-                    image_hw=(h, w),
-                    fallback_mode=self.config.fallback,
-                    fallback_min_size=self.config.fallback_min_size,
-                    transform=self.config.align_transform,
-                )
+                if image_boxes is None:
+                    assignment = assign_rois(
+                        kpts_in[index],
+                        self.templates,
+                        roi_size=size,
+                        input_size=self.input_size,
+                        image_hw=(h, w),
+                        alignment=self.config.alignment,
+                        selection=self.config.template_selection,
+                        fallback_mode=self.config.fallback,
+                        fallback_min_size=self.config.fallback_min_size,
+                        transform=self.config.align_transform,
+                    )
+                else:
+                    assignment = assign_templates(
+                        kpts_in[index],
+                        self.templates,
+                        roi_size=size,
+                        alignment=self.config.alignment,
+                        boxes=image_boxes[index],
+                        image_hw=(h, w),
+                        fallback_mode=self.config.fallback,
+                        fallback_min_size=self.config.fallback_min_size,
+                        transform=self.config.align_transform,
+                    )
                 affines, fallback = assignment.affines, assignment.fallback
             per_image.append((frame, index, affines, fallback, kpts_in[index]))
 
@@ -330,10 +447,18 @@ class Predictor:
                 width_px=self.config.paf_width_px,
                 hidden_negative=self.config.hidden_keypoints == "negative",
                 rendering=self.config.skeleton_rendering,
+                index_convention=self.config.roi_geometry == "official",
             )
         images_t = normalise_images(padded.to(self.device))
-        with torch.no_grad():
+        dtype = self.precision.dtype
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ),
+        ):
             logits = self.model(images_t, batch_index, affines, skeleton)
+        logits = logits.float()
 
         results: list[dict[str, Any]] = []
         start = 0
@@ -341,17 +466,30 @@ class Predictor:
             n = len(image_affines)
             if n == 0:
                 continue
-            # Original -> aligned: input = orig * scale, so the linear part takes the scale.
-            to_aligned = affines[start : start + n].clone()
-            to_aligned[:, :, :2] *= frame.scale
-            masks, scores = logits_to_instances(
-                logits[start : start + n],
-                to_aligned,
-                out_hw=frame.orig_hw,
-                threshold=self.config.mask_threshold,
-                exclusive=self.config.exclusive_masks,
-                score=self.config.mask_score,
-            )
+            if self.config.roi_geometry == "official":
+                input_matrix = frame.input_matrix
+                if input_matrix is None:
+                    input_matrix = np.array([[frame.scale, 0, 0], [0, frame.scale, 0]])
+                masks, scores = logits_to_instances_official(
+                    logits[start : start + n],
+                    orig_to_roi(image_affines, input_matrix),
+                    out_hw=frame.orig_hw,
+                    threshold=self.config.mask_threshold,
+                    exclusive=self.config.exclusive_masks,
+                    score=self.config.mask_score,
+                )
+            else:
+                # Original -> aligned: input = orig * scale, so the linear part takes the scale.
+                to_aligned = affines[start : start + n].clone()
+                to_aligned[:, :, :2] *= frame.scale
+                masks, scores = logits_to_instances(
+                    logits[start : start + n],
+                    to_aligned,
+                    out_hw=frame.orig_hw,
+                    threshold=self.config.mask_threshold,
+                    exclusive=self.config.exclusive_masks,
+                    score=self.config.mask_score,
+                )
             for rle, score, person, fell_back in zip(
                 encode_rle(masks), scores.tolist(), index.tolist(), fallback.tolist(), strict=True
             ):

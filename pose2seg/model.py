@@ -13,6 +13,7 @@ from torch import nn
 from pose2seg.backbone import ResNetFPN, load_backbone_state_dict
 from pose2seg.config import ModelConfig
 from pose2seg.ops import align_features
+from pose2seg.paper_geometry import align_features_official
 from pose2seg.skeleton import NUM_SKELETON_CHANNELS, skeleton_channels
 
 __all__ = [
@@ -222,9 +223,11 @@ class Pose2Seg(nn.Module):
         """
         size = self.roi_size
         features = self.backbone(images)
-        aligned = align_features(
-            features, batch_index, affines, roi_size=size, stride=self.backbone.stride
+        # model.roi_geometry: the official sampling (index convention, torch 1.0 semantics).
+        align = (
+            align_features_official if self.config.roi_geometry == "official" else align_features
         )
+        aligned = align(features, batch_index, affines, roi_size=size, stride=self.backbone.stride)
         if self.skeleton_index.numel() > 0:
             if skeleton is None:
                 raise ValueError(

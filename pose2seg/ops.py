@@ -298,11 +298,13 @@ def render_skeleton_features(
     width_px: float,
     hidden_negative: bool = False,
     rendering: str = "ours",
+    index_convention: bool = False,
 ) -> torch.Tensor:
     """Part affinity fields and keypoint confidence maps in the aligned frame (the reference).
 
     ``rendering="official"`` (``model.skeleton_rendering``) draws the official code's rule
-    instead (see :func:`render_official_skeleton_features`), in the same channel order.
+    instead (see :func:`render_official_skeleton_features`, which alone reads
+    ``index_convention``), in the same channel order.
 
     The formula of ``docs/ARCHITECTURE.md``, at pixel centres ``p = (j + 0.5, i + 0.5)``:
 
@@ -340,6 +342,7 @@ def render_skeleton_features(
             sigma_px=sigma_px,
             width_px=width_px,
             hidden_negative=hidden_negative,
+            index_convention=index_convention,
         )
     size = int(roi_size)
     sigma = float(sigma_px) * size / 64.0
@@ -386,12 +389,14 @@ def render_official_skeleton_features(
     sigma_px: float,
     width_px: float,
     hidden_negative: bool = True,
+    index_convention: bool = False,
 ) -> torch.Tensor:
     """The official Pose2Seg code's skeleton features, in our channel order.
 
-    The keypoints are in the aligned frame's continuous coordinates like everywhere here; the
-    official rule works in index coordinates ``q = p - 0.5`` (pixel ``(j, i)`` centred on the
-    integer point), in float64:
+    The official rule works in index coordinates ``q`` (pixel ``(j, i)`` centred on the
+    integer point): the keypoints themselves when ``index_convention`` (the RoI frame of
+    ``model.roi_geometry = official``), else ``q = p - 0.5`` for keypoints in our continuous
+    convention (pixel centres at ``j + 0.5``). In float64:
 
     - heatmap k of a usable keypoint ``q_k``: ``exp(-d)`` with
       ``d = |(j, i) - q_k|^2 / 2 / sigma^2`` where ``d < 4.6025``, else 0;
@@ -419,7 +424,7 @@ def render_official_skeleton_features(
     device = kpts_aligned.device
     kpts = kpts_aligned.to(torch.float64)
     n = kpts.shape[0]
-    q = kpts[..., :2] - 0.5  # (P,K,2) index coordinates
+    q = kpts[..., :2] - (0.0 if index_convention else 0.5)  # (P,K,2) index coordinates
     vis = kpts[..., 2]
     usable = vis > 0
     grid = torch.arange(size, device=device, dtype=torch.float64)

@@ -72,7 +72,9 @@ MIN_KEYPOINTS_FOR_FIT: int = 8
 """Poses with fewer usable keypoints do not take part in template fitting (if enough others do)."""
 
 OFFICIAL_TEMPLATE_SCALE: float = 1.1
-"""The official model scales ``templates.json`` coordinates by this around the frame centre."""
+"""Default ``model.template_scale``: ``templates.json`` coordinates are scaled by this around the
+frame centre (an older official commit's factor; the official code of the conformance fixture
+uses 1.0)."""
 TEMPLATE_SHAPES: tuple[str, ...] = ("stretched", "aspect_kept")
 ALIGN_TRANSFORMS: tuple[str, ...] = ("affine", "similarity")
 
@@ -311,16 +313,25 @@ def mirror_templates(templates: np.ndarray) -> np.ndarray:
     return np.concatenate([templates, _swap_left_right(templates)]).astype(np.float32)
 
 
-def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndarray:
-    """Pose templates from the official ``templates.json`` layout (already parsed).
+def templates_from_json(
+    data: Any, *, source: str = "templates.json", scale: float = OFFICIAL_TEMPLATE_SCALE
+) -> np.ndarray:
+    """Pose templates from a ``templates.json`` (already parsed), in one of two layouts.
 
-    The layout (liruilong940607/Pose2Seg ``modeling/templates.json``): ``templates``, a list of
-    T flat lists of K * 3 numbers ``x, y, w`` per joint in unit coordinates (``w`` = the mean
-    COCO visibility of the joint in the cluster); ``vis_threshold``, joints with ``w`` below it
-    are dropped from that template; optional ``names`` (the joint order, COCO names, reordered
-    to ours) and other keys (``flip_map``, ``connections``, ``minpoints``), which are ignored.
-    As the official model does, coordinates are scaled by :data:`OFFICIAL_TEMPLATE_SCALE`
-    around the frame centre. Mirrors are not added here (see :func:`mirror_templates`).
+    - The official layout (liruilong940607/Pose2Seg ``modeling/templates.json``):
+      ``templates``, a list of T flat lists of K * 3 numbers ``x, y, w`` per joint in unit
+      coordinates (``w`` = the mean COCO visibility of the joint in the cluster);
+      ``vis_threshold``, joints with ``w`` below it are dropped from that template; optional
+      ``names`` (the joint order, COCO names, reordered to ours) and other keys (``flip_map``,
+      ``connections``, ``minpoints``), which are ignored. Mirrors are not added here (see
+      :func:`mirror_templates`).
+    - The layout of ``configs/official_templates.json`` (the conformance fixture's
+      ``templates.json``): ``templates``, a list of objects whose ``keypoints`` is a K x 3 list
+      ``x, y, w``, mirrored copies already included in search order; ``vis_threshold`` and
+      ``keypoint_names`` as above.
+
+    Coordinates are scaled by ``scale`` around the frame centre (``model.template_scale``:
+    1.0 in the official code at the commit of the fixture; our default 1.1).
 
     Returns:
         ``(T, K, 2)`` float32, NaN for the dropped joints.
@@ -328,10 +339,14 @@ def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndar
     Raises:
         ValueError: naming ``source`` and what is wrong.
     """
-    if not isinstance(data, dict) or "templates" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("templates"), list):
         raise ValueError(f"{source}: expected a JSON object with a 'templates' list")
     raw = data["templates"]
-    names = data.get("names", list(KEYPOINT_NAMES))
+    if raw and all(isinstance(item, dict) for item in raw):
+        if not all("keypoints" in item for item in raw):
+            raise ValueError(f"{source}: every template object needs a 'keypoints' list")
+        raw = [np.asarray(item["keypoints"], dtype=object).ravel().tolist() for item in raw]
+    names = data.get("names", data.get("keypoint_names", list(KEYPOINT_NAMES)))
     threshold = data.get("vis_threshold", 0.0)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise ValueError(f"{source}: vis_threshold must be a number, got {threshold!r}")
@@ -339,6 +354,8 @@ def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndar
         raise ValueError(
             f"{source}: names must list the {NUM_KEYPOINTS} COCO keypoints, got {names!r}"
         )
+    if not (isinstance(scale, (int, float)) and 0.0 < scale <= 4.0):
+        raise ValueError(f"{source}: template scale must be in (0, 4], got {scale!r}")
     try:
         values = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
@@ -352,7 +369,7 @@ def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndar
         raise ValueError(f"{source}: templates hold non-finite numbers")
     values = values.reshape(len(values), NUM_KEYPOINTS, 3)
     values = values[:, [names.index(name) for name in KEYPOINT_NAMES]]
-    xy = (values[..., :2] - 0.5) * OFFICIAL_TEMPLATE_SCALE + 0.5
+    xy = (values[..., :2] - 0.5) * scale + 0.5
     present = values[..., 2] >= threshold
     if (present.sum(axis=1) < 3).any():
         bad = int(np.argmax(present.sum(axis=1) < 3))
@@ -360,6 +377,13 @@ def templates_from_json(data: Any, *, source: str = "templates.json") -> np.ndar
             f"{source}: template {bad} keeps fewer than 3 joints at vis_threshold {threshold}"
         )
     return np.where(present[..., None], xy, np.nan).astype(np.float32)
+
+
+def templates_include_mirrors(data: Any) -> bool:
+    """Whether a parsed ``templates.json`` already lists the mirrored copies (the layout of
+    ``configs/official_templates.json``), so none must be added."""
+    raw = data.get("templates") if isinstance(data, dict) else None
+    return bool(raw) and all(isinstance(item, dict) for item in raw)
 
 
 def _solve_affines(

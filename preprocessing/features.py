@@ -42,11 +42,12 @@ def render_skeleton_features(
     width_px: float,
     hidden_negative: bool = False,
     rendering: str = "ours",
+    index_convention: bool = False,
 ) -> np.ndarray:
     """Part affinity fields and keypoint confidence maps in the aligned frame.
 
     ``rendering="official"`` (``model.skeleton_rendering``): the official code's rule instead,
-    :func:`render_official_skeleton_features`.
+    :func:`render_official_skeleton_features` (which alone reads ``index_convention``).
 
     At pixel centres ``p = (j + 0.5, i + 0.5)``:
 
@@ -84,6 +85,7 @@ def render_skeleton_features(
             sigma_px=sigma_px,
             width_px=width_px,
             hidden_negative=hidden_negative,
+            index_convention=index_convention,
         )
     n, size = len(kpts), int(roi_size)
     sigma = float(sigma_px) * size / 64.0
@@ -143,12 +145,14 @@ def render_official_skeleton_features(
     sigma_px: float,
     width_px: float,
     hidden_negative: bool = True,
+    index_convention: bool = False,
 ) -> np.ndarray:
     """The official Pose2Seg code's skeleton features, in our channel order: the numpy twin of
     ``pose2seg.ops.render_official_skeleton_features`` (same rule, same float64 operations).
 
-    Keypoints are in the aligned frame's continuous coordinates; the rule works in index
-    coordinates ``q = p - 0.5``: heatmap ``exp(-d)``, ``d = |(j, i) - q_k|^2 / 2 / sigma^2``,
+    The rule works in index coordinates ``q``: the keypoints themselves when
+    ``index_convention`` (``model.roi_geometry = official``), else ``q = p - 0.5`` for our
+    continuous convention: heatmap ``exp(-d)``, ``d = |(j, i) - q_k|^2 / 2 / sigma^2``,
     where ``d < 4.6025`` (negated for v = 1 when ``hidden_negative``); limb field: the unit
     vector of the official limb direction (negated for our reversed leg limbs) on the pixels
     of the endpoints' box ``[max(round(min - w), 0), min(round(max + w), S))`` whose distance to
@@ -166,7 +170,7 @@ def render_official_skeleton_features(
     out = np.zeros((n, NUM_SKELETON_CHANNELS, size, size), dtype=np.float32)
     if n == 0:
         return out
-    q = kpts[..., :2] - 0.5
+    q = kpts[..., :2] - (0.0 if index_convention else 0.5)
     vis = kpts[..., 2]
     usable = vis > 0
     grid = np.arange(size, dtype=np.float64)
@@ -242,6 +246,7 @@ def render_quantised_skeleton_features(
     width_px: float,
     hidden_negative: bool = False,
     rendering: str = "ours",
+    index_convention: bool = False,
 ) -> np.ndarray:
     """``quantise(render_skeleton_features(...))``, computed only near the limbs and keypoints.
 
@@ -275,6 +280,7 @@ def render_quantised_skeleton_features(
                 sigma_px=sigma_px,
                 width_px=width_px,
                 hidden_negative=hidden_negative,
+                index_convention=index_convention,
             )
         )
     n, size = len(kpts), int(roi_size)

@@ -14,8 +14,15 @@ import numpy as np
 
 from pose2seg.config import Config
 from pose2seg.input_frame import input_frame_keypoints, resize_to_input_frame
+from pose2seg.paper_geometry import (
+    assign_rois,
+    official_input_keypoints,
+    orig_to_roi,
+    warp_mask_to_roi_official,
+    warp_to_official_input_frame,
+)
 from pose2seg.skeleton import NUM_KEYPOINTS
-from pose2seg.templates import apply_affine, assign_templates
+from pose2seg.templates import apply_affine
 from preprocessing import schema
 from preprocessing.features import render_quantised_skeleton_features, warp_mask_to_aligned
 
@@ -38,6 +45,10 @@ class ShardSettings:
     fallback_min_size: float = 0.25
     align_transform: str = "affine"
     hidden_negative: bool = False
+    input_frame: str = "ours"
+    template_selection: str = "ours"
+    unlabelled_people: str = "drop"
+    roi_geometry: str = "ours"
     skeleton_rendering: str = "ours"
 
     @classmethod
@@ -57,6 +68,10 @@ class ShardSettings:
             keypoint_margin_fraction=config.data.keypoint_margin_fraction,
             align_transform=config.model.align_transform,
             hidden_negative=config.model.hidden_keypoints == "negative",
+            input_frame=config.data.input_frame,
+            template_selection=config.model.template_selection,
+            unlabelled_people=config.model.unlabelled_people,
+            roi_geometry=config.model.roi_geometry,
             skeleton_rendering=config.model.skeleton_rendering,
         )
 
@@ -94,6 +109,21 @@ def resize_mask(mask: np.ndarray, out_hw: tuple[int, int], padded: int) -> np.nd
     return out
 
 
+def warp_mask_to_input_official(
+    mask: np.ndarray, input_matrix: np.ndarray, out_hw: tuple[int, int]
+) -> np.ndarray:
+    """``(H, W)`` bool -> the official input frame ``out_hw`` by OpenCV (bilinear on 0/1,
+    index convention), >= 0.5."""
+    import cv2
+
+    warped = cv2.warpAffine(
+        np.ascontiguousarray(mask, dtype=np.uint8) * 255,
+        np.asarray(input_matrix, np.float32),
+        (int(out_hw[1]), int(out_hw[0])),
+    )
+    return warped >= 128
+
+
 def _box_max_ious(boxes: np.ndarray) -> np.ndarray:
     """``(N,)`` the largest IoU of each xywh box with any other box (0 for a single box)."""
     n = len(boxes)
@@ -125,7 +155,11 @@ def process_image(
 
     Returns:
         ``(row, rejects)``; ``row`` is None when the image itself is rejected. People without a
-        usable keypoint are rejected (``no_keypoints``) and added to the ignore regions.
+        usable keypoint are rejected (``no_keypoints``) and added to the ignore regions, unless
+        ``model.unlabelled_people = whole_image`` keeps them (whole-image RoI). With
+        ``data.input_frame = official`` the stored image is the whole official square frame
+        and ``scale`` its ``m1[0, 0]`` (the offset follows from the sizes,
+        :func:`pose2seg.paper_geometry.official_input_matrix`).
         ``max_ious`` missing from the annotations are computed from the visible boxes of the
         image's annotated people.
     """
@@ -135,9 +169,16 @@ def process_image(
     if pixels.ndim != 3 or pixels.shape[:2] != (height, width) or pixels.shape[2] != 3:
         detail = f"pixels {pixels.shape} do not match the annotated size {height}x{width}"
         return None, [reject_record(split, record, None, REASON_BAD_IMAGE_SIZE, detail)]
-    # The one resize of the prediction path (pose2seg.input_frame), so the stored image is the
-    # input frame every inference path computes from the original file.
-    image, scale = resize_to_input_frame(pixels, settings.input_size)
+    # The one resize of the prediction path (pose2seg.input_frame, or the official frame of
+    # pose2seg.paper_geometry), so the stored image is the input frame every inference path
+    # computes from the original file.
+    official_frame = settings.input_frame == "official"
+    if official_frame:
+        image, input_matrix = warp_to_official_input_frame(pixels, settings.input_size)
+        scale = float(input_matrix[0, 0])
+    else:
+        image, scale = resize_to_input_frame(pixels, settings.input_size)
+        input_matrix = np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]], dtype=np.float32)
     new_hw = (int(image.shape[0]), int(image.shape[1]))
 
     rejects: list[dict[str, Any]] = []
@@ -149,7 +190,7 @@ def process_image(
     kept, kept_ious = [], []
     for person, box_iou in zip(record.people, box_ious, strict=True):
         kpts = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
-        if not (kpts[:, 2] > 0).any():
+        if not (kpts[:, 2] > 0).any() and settings.unlabelled_people == "drop":
             rejects.append(
                 reject_record(
                     split,
@@ -168,20 +209,27 @@ def process_image(
     keypoints = np.zeros((n, NUM_KEYPOINTS, 3), dtype=np.float32)
     for i, person in enumerate(kept):
         keypoints[i] = np.asarray(person.keypoints, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
-    keypoints = input_frame_keypoints(keypoints, scale)
+    if official_frame:
+        keypoints = official_input_keypoints(keypoints, input_matrix)
+    else:
+        keypoints = input_frame_keypoints(keypoints, scale)
     bboxes = np.array([np.asarray(p.bbox, dtype=np.float32) for p in kept]).reshape(n, 4)
     # No ground-truth box: the training targets are warped with the transform inference
     # computes from the keypoints alone (including the fallback of degenerate poses).
-    assignment = assign_templates(
+    assignment = assign_rois(
         keypoints,
         templates,
         roi_size=size,
-        alignment=settings.alignment,
+        input_size=settings.input_size,
         image_hw=new_hw,
+        alignment=settings.alignment,
+        selection=settings.template_selection,
         fallback_mode=settings.fallback,
         fallback_min_size=settings.fallback_min_size,
         transform=settings.align_transform,
     )
+    official_roi = settings.roi_geometry == "official"
+    to_roi = orig_to_roi(assignment.affines, input_matrix) if official_roi else None
     skeleton = render_quantised_skeleton_features(
         apply_affine(keypoints, assignment.affines),
         roi_size=size,
@@ -189,16 +237,24 @@ def process_image(
         width_px=settings.paf_width_px,
         hidden_negative=settings.hidden_negative,
         rendering=settings.skeleton_rendering,
+        index_convention=settings.roi_geometry == "official",
     )
     targets = np.zeros((n, size, size), dtype=bool)
     mask_rles, gt_rles = [], []
     for i, person in enumerate(kept):
         mask = np.asarray(person.mask, dtype=bool)
-        # Compose original -> input (scale) with input -> aligned: one resampling of the mask.
-        from_orig = assignment.affines[i].astype(np.float64)
-        from_orig[:, :2] *= scale
-        targets[i] = warp_mask_to_aligned(mask, from_orig, size)
-        mask_rles.append(_rle_counts(resize_mask(mask, new_hw, settings.input_size)))
+        if to_roi is not None:
+            # The official loss's target: the original mask warped by OpenCV (index convention).
+            targets[i] = warp_mask_to_roi_official(mask, to_roi[i], size)
+        else:
+            # Compose original -> input (scale) with input -> aligned: one resampling of the mask.
+            from_orig = assignment.affines[i].astype(np.float64)
+            from_orig[:, :2] *= scale
+            targets[i] = warp_mask_to_aligned(mask, from_orig, size)
+        if official_frame:
+            mask_rles.append(_rle_counts(warp_mask_to_input_official(mask, input_matrix, new_hw)))
+        else:
+            mask_rles.append(_rle_counts(resize_mask(mask, new_hw, settings.input_size)))
         gt_rles.append(_rle_counts(mask))
     row = schema.encode_image_row(
         image_id=int(record.image_id),

@@ -47,6 +47,7 @@ from pose2seg.templates import (
     fit_pose_templates,
     mirror_templates,
     templates_from_json,
+    templates_include_mirrors,
 )
 from preprocessing import schema
 from preprocessing.image_processing import ShardSettings, process_image, reject_record
@@ -337,8 +338,14 @@ def _build_templates(config: Config, keypoints: np.ndarray) -> np.ndarray:
             raise ValueError(
                 f"model.templates_file: cannot read {source!r} as JSON: {exc}"
             ) from exc
-        templates = templates_from_json(data, source=f"model.templates_file {source!r}")
-        return mirror_templates(templates) if model.mirror_templates else templates
+        templates = templates_from_json(
+            data, source=f"model.templates_file {source!r}", scale=model.template_scale
+        )
+        # A file that already lists its mirrored copies (configs/official_templates.json) keeps
+        # the official search order as it is.
+        if model.mirror_templates and not templates_include_mirrors(data):
+            return mirror_templates(templates)
+        return templates
     return fit_pose_templates(
         keypoints,
         num_templates=model.num_templates,

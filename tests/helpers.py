@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -16,8 +18,10 @@ import torch
 from torch import nn
 
 from pose2seg.batch import PersonBatch
-from pose2seg.config import Config
+from pose2seg.config import Config, load_config
 from pose2seg.loss import mask_loss
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def train_worker_pids() -> list[int]:
@@ -148,3 +152,31 @@ def evaluate_batches(
         "mask_iou": total_iou / people if people else 0.0,
         "num_people": people,
     }
+
+
+def check_script_command(argv: list[str], where: str, *, parse: bool = True) -> None:
+    """`python workflows/X.py ARGS` or `python benchmarks/X.py ARGS` (any python executable):
+    the script exists, its module imports, its own ``build_parser()`` (when it has one) accepts
+    ARGS, and its config (the one it names, else the defaults) loads with its ``--set``
+    overrides. ``parse=False`` checks the script and its module only (a documented command with
+    placeholders)."""
+    assert len(argv) >= 2 and re.fullmatch(r"(?:\S*/)?python3?", argv[0]), f"{where}: {argv}"
+    match = re.fullmatch(r"(workflows|benchmarks)/(\w+)\.py", argv[1])
+    assert match, f"{where}: {argv[1]} is not a workflows/ or benchmarks/ script"
+    script = REPO / argv[1]
+    assert script.is_file(), f"{where}: {argv[1]} does not exist"
+    environ = dict(os.environ)
+    try:  # some benchmark scripts set thread and Ray variables when imported
+        module = importlib.import_module(f"{match.group(1)}.{match.group(2)}")
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    if not parse or not hasattr(module, "build_parser"):
+        return
+    try:
+        args = module.build_parser().parse_args(argv[2:])
+    except SystemExit as exc:
+        raise AssertionError(f"{where}: {argv[1]} rejects the arguments {argv[2:]}") from exc
+    if hasattr(args, "config"):  # the command's config with its overrides: the defaults without one
+        config = str(REPO / args.config) if args.config else None
+        load_config(config, getattr(args, "overrides", None))

@@ -134,6 +134,7 @@ class PredictorActor:
         use_gpu: bool = False,
         num_threads: int = 1,
         margin_fraction: float = 0.25,
+        precision: str = "fp32",
     ):
         import ray
         import torch
@@ -145,7 +146,9 @@ class PredictorActor:
         # The files travel once through the object store (wrapped in a list so Ray hands the
         # reference over instead of inlining megabytes of weights into the actor's arguments).
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.predictor = load_predictor(unpack_dir(ray.get(checkpoint_ref[0])), device=device)
+        self.predictor = load_predictor(
+            unpack_dir(ray.get(checkpoint_ref[0])), device=device, precision=precision
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from pose2seg.keypoint_checks import describe_outside_keypoints
@@ -247,6 +250,7 @@ def run_batch_inference(
                 "use_gpu": use_gpu,
                 "num_threads": max(1, int(cpus)),
                 "margin_fraction": config.data.keypoint_margin_fraction,
+                "precision": config.eval.mixed_precision,
             },
             batch_size=config.eval.batch_size,
             concurrency=num_actors,

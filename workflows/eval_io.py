@@ -93,25 +93,33 @@ def load_gt(annotations_uri: str) -> dict[str, Any]:
     return gt
 
 
-def _gt_people(gt: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
-    """image id -> its non-crowd annotations with at least one labelled keypoint, in order."""
+def _gt_people(
+    gt: dict[str, Any], *, include_unlabelled: bool = False
+) -> dict[int, list[dict[str, Any]]]:
+    """image id -> its non-crowd annotations with at least one labelled keypoint (all of them
+    with ``include_unlabelled``), in order."""
     out: dict[int, list] = {int(im["id"]): [] for im in gt["images"]}
     for ann in gt["annotations"]:
-        if ann.get("iscrowd", 0) or not has_keypoints(ann):
+        if ann.get("iscrowd", 0) or not (include_unlabelled or has_keypoints(ann)):
             continue
         if int(ann["image_id"]) in out:
             out[int(ann["image_id"])].append(ann)
     return out
 
 
-def gt_keypoints(gt: dict[str, Any]) -> dict[int, np.ndarray]:
+def gt_keypoints(gt: dict[str, Any], *, include_unlabelled: bool = False) -> dict[int, np.ndarray]:
     """image id -> (N,17,3) keypoints of the non-crowd people with at least one labelled
-    keypoint, in annotation order (the only ground truth inference is given)."""
+    keypoint, in annotation order (the only ground truth inference is given). With
+    ``include_unlabelled`` (``model.unlabelled_people = whole_image``, the official test) every
+    non-crowd person, a missing ``keypoints`` list read as all zero."""
+
+    def _kpts(ann: dict[str, Any]) -> np.ndarray:
+        kp = ann.get("keypoints") or [0.0] * (3 * NUM_KEYPOINTS)
+        return np.asarray(kp, np.float32).reshape(NUM_KEYPOINTS, 3)
+
     return {
-        k: np.stack([np.asarray(a["keypoints"], np.float32).reshape(NUM_KEYPOINTS, 3) for a in v])
-        if v
-        else np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
-        for k, v in _gt_people(gt).items()
+        k: np.stack([_kpts(a) for a in v]) if v else np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
+        for k, v in _gt_people(gt, include_unlabelled=include_unlabelled).items()
     }
 
 

@@ -70,14 +70,14 @@ class SplitsOutcome:
     """Where the keypoints came from, with the robustness degradation when it is on."""
 
 
-def _split_keypoints(kp_source: str, gts: dict[str, dict[str, Any]]) -> dict[str, dict]:
+def _split_keypoints(kp_source: str, gts: dict[str, dict], unlabelled: bool) -> dict[str, dict]:
     """Per split: image id -> (N,17,3) keypoints, from the ground truth or one results file
     (whose entries are shared out to the splits by image id)."""
     from preprocessing.storage import read_bytes
     from workflows.eval_io import gt_keypoints, results_keypoints
 
     if kp_source == "gt":
-        return {name: gt_keypoints(gt) for name, gt in gts.items()}
+        return {name: gt_keypoints(gt, include_unlabelled=unlabelled) for name, gt in gts.items()}
     doc = json.loads(read_bytes(kp_source))
     if len(gts) == 1:
         ((name, gt),) = gts.items()
@@ -252,7 +252,7 @@ def run_evaluate_splits(
             for split, gt in gts.items()
         }
     else:
-        kps = _split_keypoints(kp_source, gts)
+        kps = _split_keypoints(kp_source, gts, config.model.unlabelled_people == "whole_image")
     degradation = keypoint_degradation(config)
     if degradation:  # the robustness evaluation: keypoints as a pose estimator errs
         kps = {

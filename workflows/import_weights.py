@@ -44,39 +44,23 @@ DEFAULT_NAME = "pose2seg-paper"
 DEFAULT_ALIAS = "official"
 
 
-def read_templates(data: bytes, *, source: str) -> np.ndarray:
-    """Pose templates ``(T, K, 2)`` float32 in unit RoI coordinates (NaN = absent joint) from
-    the reference layout of ``configs/official_templates.json`` (``templates``: a list of
-    ``{"keypoints": [[x, y, w] x 17]}`` in ``keypoint_names`` order, mirrors included; joints
-    with ``w < vis_threshold`` are absent) or the official repository's ``templates.json``
-    (flat lists; :func:`pose2seg.templates.templates_from_json`)."""
-    from pose2seg.skeleton import KEYPOINT_NAMES, NUM_KEYPOINTS
-    from pose2seg.templates import templates_from_json
+def read_templates(data: bytes, *, source: str, model) -> np.ndarray:
+    """Pose templates ``(T, K, 2)`` float32 (NaN = absent joint) from a templates JSON, read as
+    preprocessing reads ``model.templates_file``: either layout of
+    :func:`pose2seg.templates.templates_from_json` (``configs/official_templates.json``, mirrors
+    included in the official search order, or the official repository's file), scaled by
+    ``model.template_scale``, mirrors added when ``model.mirror_templates`` and the file has
+    none."""
+    from pose2seg.templates import mirror_templates, templates_from_json, templates_include_mirrors
 
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--templates {source}: not JSON ({exc})") from None
-    raw = doc.get("templates") if isinstance(doc, dict) else None
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"--templates {source}: expected an object with a 'templates' list")
-    if not all(isinstance(t, dict) for t in raw):
-        return templates_from_json(doc, source=f"--templates {source}")
-    names = doc.get("keypoint_names", list(KEYPOINT_NAMES))
-    threshold = float(doc.get("vis_threshold", 0.0))
-    if sorted(names) != sorted(KEYPOINT_NAMES):
-        raise ValueError(f"--templates {source}: keypoint_names must be the 17 COCO keypoints")
-    try:
-        values = np.asarray([t["keypoints"] for t in raw], dtype=np.float64)
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"--templates {source}: every template needs 17 [x, y, w] rows") from None
-    if values.shape[1:] != (NUM_KEYPOINTS, 3) or not np.isfinite(values).all():
-        raise ValueError(
-            f"--templates {source}: templates must be (T, 17, 3) finite numbers, got {values.shape}"
-        )
-    values = values[:, [names.index(n) for n in KEYPOINT_NAMES]]
-    present = values[..., 2] >= threshold
-    return np.where(present[..., None], values[..., :2], np.nan).astype(np.float32)
+    templates = templates_from_json(doc, source=f"--templates {source}", scale=model.template_scale)
+    if model.mirror_templates and not templates_include_mirrors(doc):
+        templates = mirror_templates(templates)
+    return templates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     # The official weights fill every tensor: never fetch ImageNet weights for the backbone.
     config = load_config(args.config, [*args.overrides, "model.pretrained_backbone=none"])
     check_official_model_config(config.model)
-    templates = read_templates(read_bytes(args.templates), source=args.templates)
+    templates = read_templates(
+        read_bytes(args.templates), source=args.templates, model=config.model
+    )
     data = read_bytes(args.checkpoint)
     digest = hashlib.sha256(data).hexdigest()
     state = read_official_checkpoint(data, source=args.checkpoint)

@@ -242,6 +242,30 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
         MlflowClient(tracking_uri=handle.tracking_uri).log_batch(handle.run_id, metrics=batch)
 
 
+def log_params(handle: RunHandle, params: dict[str, str]) -> None:
+    """Log params the driver cannot know (what a worker resolved on its own hardware). A resumed
+    run that resolves a different value keeps the first one and says so (MLflow params are
+    immutable)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    logged = client.get_run(handle.run_id).data.params
+    new = {k: str(v) for k, v in params.items() if k not in logged}
+    for key in sorted(set(params) - set(new)):
+        if logged[key] != str(params[key]):
+            print(
+                f"[pose2seg] MLflow param {key} stays {logged[key]!r} (this start: {params[key]!r})",
+                flush=True,
+            )
+    if new:
+        try:
+            client.log_batch(handle.run_id, params=[Param(k, v) for k, v in new.items()])
+        except MlflowException as exc:  # a concurrent writer logged it first
+            print(f"[pose2seg] MLflow params not logged: {exc}", flush=True)
+
+
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 

@@ -33,13 +33,13 @@ from workflows.cli import (  # noqa: E402
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def _items_from_keypoints(doc: Any, images_uri: str, *, source: str):
+def _items_from_keypoints(doc: Any, images_uri: str, *, source: str, unlabelled: bool = False):
     from preprocessing.storage import list_files
     from workflows.batch_inference import InferenceItem, safe_image_uri
     from workflows.eval_io import gt_keypoints, results_keypoints
 
     if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
-        kps = gt_keypoints(doc)
+        kps = gt_keypoints(doc, include_unlabelled=unlabelled)
         items = []
         for im in doc["images"]:
             # A file_name leaving the images folder is an unsafe_path reject, never opened.
@@ -130,7 +130,10 @@ def run_predict(
             doc = json.loads(read_bytes(keypoints_uri))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{keypoints_uri}: not valid JSON: {exc}") from None
-        items, images = _items_from_keypoints(doc, images_uri, source=keypoints_uri)
+        unlabelled = config.model.unlabelled_people == "whole_image"
+        items, images = _items_from_keypoints(
+            doc, images_uri, source=keypoints_uri, unlabelled=unlabelled
+        )
     results, stats = run_batch_inference(
         items, model_ref=model_ref, config=config, num_actors=num_actors, use_gpu=use_gpu
     )

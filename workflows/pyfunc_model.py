@@ -91,7 +91,10 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
         from pose2seg.arch import load_predictor
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.predictor = load_predictor(context.artifacts["checkpoint"], device=device)
+        # The checkpoint's own serve.mixed_precision (auto unless the training config set it).
+        self.predictor = load_predictor(
+            context.artifacts["checkpoint"], device=device, precision="from_checkpoint"
+        )
         self.config = self.predictor.training_config
 
     def predict(self, context, model_input, params=None):

@@ -6,7 +6,7 @@
 
 The application (``workflows/serve_app.py``) answers ``POST http://HOST:PORT/`` with a JSON
 image (+ keypoints, or none: the keypoint detector finds the people) and returns each person's
-COCO RLE mask and score; see README "Serving". ``serve.*`` keys size it (replicas or
+COCO RLE mask and score; see docs/SERVING.md. ``serve.*`` keys size it (replicas or
 autoscaling, CPUs/GPU per replica, batching, host and port).
 
 A new champion: run the same command again. ``models:/NAME@ALIAS`` is resolved here to the

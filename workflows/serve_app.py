@@ -198,7 +198,9 @@ class Pose2SegServer:
         self._work = tempfile.TemporaryDirectory(prefix="pose2seg-serve-")
         checkpoint_dir, self.model_version = resolve_model(model_ref, tracking_uri, self._work.name)
         self.model_ref = model_ref
-        self.predictor = load_predictor(checkpoint_dir, device=self.device)
+        self.predictor = load_predictor(
+            checkpoint_dir, device=self.device, precision=s.mixed_precision
+        )
         self.detector = None
         self.segment.set_max_batch_size(s.max_batch_size)
         self.segment.set_batch_wait_timeout_s(s.batch_wait_timeout_s)

@@ -78,7 +78,11 @@ def load_validation_data(config: Config) -> ValidationData:
     from workflows.eval_io import gt_keypoints, load_gt, protocol_gt, split_paths, with_max_iou
 
     raw = with_max_iou(load_gt(split_paths(config, "val")[0]))
-    return ValidationData(gt=protocol_gt(raw, config.eval.protocol), keypoints=gt_keypoints(raw))
+    unlabelled = config.model.unlabelled_people == "whole_image"
+    return ValidationData(
+        gt=protocol_gt(raw, config.eval.protocol),
+        keypoints=gt_keypoints(raw, include_unlabelled=unlabelled),
+    )
 
 
 def validate(

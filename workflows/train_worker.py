@@ -14,6 +14,7 @@ import numpy as np
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
+from workflows.mlflow_tracking import log_params
 from workflows.train_input import (
     build_augmenter,
     decode_batch,
@@ -41,7 +42,9 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: Config, *, total_steps: int, amp_dtype) -> TrainState:
+    def build(
+        cls, config: Config, *, total_steps: int, amp_dtype, device_type: str = "cpu"
+    ) -> TrainState:
         import torch
 
         from pose2seg.arch import build_model
@@ -55,7 +58,8 @@ class TrainState:
             load_init_weights(model, init_state, ref=config.train.init_weights)
         optimizer = build_optimizer(model, config.train)
         scheduler = build_lr_schedule(optimizer, config.train, total_steps)
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        # fp16 needs loss scaling (its exponent range is narrow); bf16 and fp32 do not.
+        scaler = torch.amp.GradScaler(device_type) if amp_dtype == torch.float16 else None
         return cls(model, optimizer, scheduler, scaler)
 
     def restore(self, ckpt_dir: str) -> None:
@@ -232,6 +236,7 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     import torch
 
     from pose2seg.arch import architecture
+    from pose2seg.precision import resolve_precision
 
     config: Config = loop_config["config"]
     ctx = ray.train.get_context()
@@ -240,16 +245,16 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         torch.set_num_threads(worker_threads(config))
     torch.manual_seed(config.train.seed)  # identical init on every rank (DDP broadcasts anyway)
     np.random.seed(config.train.seed + rank)
-    use_amp = config.train.use_gpu and config.train.mixed_precision and torch.cuda.is_available()
-    amp_dtype = (
-        torch.bfloat16
-        if use_amp and torch.cuda.is_bf16_supported()
-        else (torch.float16 if use_amp else None)
-    )
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(config.train.mixed_precision, device.type)
+    amp_dtype = precision.dtype
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     arch = architecture(config)
     state = TrainState.build(
-        config, total_steps=steps_per_epoch * config.train.epochs, amp_dtype=amp_dtype
+        config,
+        total_steps=steps_per_epoch * config.train.epochs,
+        amp_dtype=amp_dtype,
+        device_type=device.type,
     )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -267,6 +272,16 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     state.model = ray.train.torch.prepare_model(state.model)
     # Rank 0 logs to the job's MLflow run (a mlflow_tracking.RunHandle, plain data).
     handle = loop_config.get("mlflow") if rank == 0 else None
+    if rank == 0:
+        say(f"[pose2seg] training precision: {precision.describe()}")
+        if handle is not None:
+            log_params(
+                handle,
+                {
+                    "train.precision_resolved": precision.name,
+                    "train.precision_reason": precision.reason,
+                },
+            )
     val_ref = loop_config.get("val_data")
     worker = Worker(
         config=config,
@@ -274,7 +289,7 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         arch=arch,
         rank=rank,
         world=world,
-        device=ray.train.torch.get_device(),
+        device=device,
         amp_dtype=amp_dtype,
         steps_per_epoch=steps_per_epoch,
         augmenter=build_augmenter(config, rank=rank),

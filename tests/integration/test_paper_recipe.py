@@ -40,6 +40,14 @@ PAPER_SETTINGS = {
     "train.augment_scale": "0.2",
     "train.augment_shift": "0.1",
     "train.batch_size": "4",
+    # The official geometry (issue 24, docs/paper_geometry.md).
+    "data.input_frame": "official",
+    "model.templates_file": "configs/official_templates.json",
+    "model.template_scale": "1.0",
+    "model.template_selection": "official",
+    "model.unlabelled_people": "whole_image",
+    "model.roi_geometry": "official",
+    "model.mask_score": "one",
 }
 
 TINY = {

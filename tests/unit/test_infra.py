@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from tests.helpers import check_script_command
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
@@ -723,25 +725,8 @@ def test_rayjob_entrypoint_and_runtime_env(step):
 def check_workflow_command(argv: list[str], where: str) -> None:
     """`python workflows/X.py ARGS`: the script exists, its own parser accepts ARGS, and the
     config it names loads (with its --set overrides)."""
-    import importlib
-
     assert argv[0] == "python" and re.fullmatch(r"workflows/\w+\.py", argv[1]), f"{where}: {argv}"
-    script = REPO / argv[1]
-    if not script.is_file():
-        pytest.skip(
-            f"{argv[1]} is not written yet (another engineer owns workflows/); entrypoint shape checked"
-        )
-    module = importlib.import_module(f"workflows.{script.stem}")
-    if not hasattr(module, "build_parser"):
-        pytest.skip(f"{argv[1]} has no build_parser(); its arguments cannot be checked offline")
-    try:
-        args = module.build_parser().parse_args(argv[2:])
-    except SystemExit as exc:
-        raise AssertionError(f"{where}: {argv[1]} rejects the arguments {argv[2:]}") from exc
-    if getattr(args, "config", None):
-        from pose2seg.config import load_config
-
-        load_config(str(REPO / args.config), getattr(args, "overrides", None))
+    check_script_command(argv, where)
 
 
 def readme_workflow_commands() -> list[list[str]]:

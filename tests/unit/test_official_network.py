@@ -136,12 +136,22 @@ def test_segmodule_gives_the_official_logits(fixture, official_model, our_p1):
     assert within(logits, ref, atol=1e-3, rtol=1e-3) <= 0
 
 
+@pytest.mark.parametrize("index_convention", [True, False])
 @pytest.mark.parametrize("renderer", ["numpy", "torch"])
-def test_official_skeleton_rendering(fixture, renderer):
+def test_official_skeleton_rendering(fixture, renderer, index_convention):
+    """From the RoI keypoints in paper mode's index convention (model.roi_geometry=official),
+    or in our +0.5 convention."""
     people, _, _ = fixture
     kpts = people["keypoints_in_roi"].astype(np.float32).copy()  # index convention
-    kpts[..., :2] += 0.5  # our aligned frame: pixel centres at +0.5
-    args = dict(roi_size=64, sigma_px=3.0, width_px=1.0, hidden_negative=True)
+    if not index_convention:
+        kpts[..., :2] += 0.5  # our aligned frame: pixel centres at +0.5
+    args = dict(
+        roi_size=64,
+        sigma_px=3.0,
+        width_px=1.0,
+        hidden_negative=True,
+        index_convention=index_convention,
+    )
     if renderer == "numpy":
         ours = render_numpy(kpts, rendering="official", **args)
     else:
@@ -151,7 +161,7 @@ def test_official_skeleton_rendering(fixture, renderer):
     assert np.abs(ref).sum() > 0
     assert np.abs(ours - ref).max() <= 2.5e-4
     # Our own rule is another one: the test can fail.
-    ours_rule = render_numpy(kpts, rendering="ours", **args)
+    ours_rule = render_numpy(kpts, rendering="ours", **{**args, "index_convention": False})
     assert np.abs(ours_rule - ref).max() > 0.1
 
 

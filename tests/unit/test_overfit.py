@@ -134,3 +134,26 @@ def test_tiny_model_overfits_synthetic_people():
     )
     # IoU > 0.9 within at most MAX_STEPS steps.
     assert metrics["mask_iou"] > 0.9
+
+    # bf16 inference of the trained model (eval/serve.mixed_precision) segments every person as
+    # fp32 does: per-person IoU >= 0.99 through the one prediction path.
+    from pycocotools import mask as mask_utils
+
+    from pose2seg.inference import Predictor
+
+    by_precision = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(model, templates, config, input_size=INPUT, precision=precision)
+        results = {}
+        for b, image in enumerate(images):
+            people = keypoints[batch_index == b]
+            for r in predictor.predict(image, people, image_id=b):
+                results[(b, r["person_index"])] = mask_utils.decode(r["segmentation"]).astype(bool)
+        by_precision[precision] = results
+    assert by_precision["bf16"].keys() == by_precision["fp32"].keys()
+    assert len(by_precision["fp32"]) == len(masks)
+    for key, fp32_mask in by_precision["fp32"].items():
+        bf16_mask = by_precision["bf16"][key]
+        assert fp32_mask.sum() > 0
+        iou = (fp32_mask & bf16_mask).sum() / (fp32_mask | bf16_mask).sum()
+        assert iou >= 0.99, f"person {key}: bf16 vs fp32 mask IoU {iou:.4f}"
