@@ -11,12 +11,15 @@ for the networks, 2.5e-4 (float16 rounding of values in [-1, 1]) for the skeleto
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pose2seg.config import ModelConfig
+from pose2seg.config import ModelConfig, load_config
 from pose2seg.model import Pose2Seg
 from pose2seg.official_weights import (
     OFFICIAL_MODEL_KEYS,
@@ -41,10 +44,24 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def paper_config():
+    """configs/paper.yaml without the ImageNet download (the official network and geometry)."""
+    return load_config(
+        str(ROOT / "configs" / "paper.yaml"),
+        [
+            "model.pretrained_backbone=none",
+            f"model.templates_file={ROOT / 'configs' / 'official_templates.json'}",
+        ],
+    )
+
+
 def paper_model_config(**overrides) -> ModelConfig:
-    keys = dict(OFFICIAL_MODEL_KEYS, skeleton_rendering="official")
-    keys.update(overrides)
-    return ModelConfig(**keys)
+    model = dataclasses.replace(paper_config().model, **overrides)
+    assert all(getattr(model, k) == v for k, v in OFFICIAL_MODEL_KEYS.items() if k not in overrides)
+    return model
 
 
 def within(ours: np.ndarray, ref: np.ndarray, *, atol: float, rtol: float) -> float:
@@ -206,3 +223,56 @@ def test_official_weights_need_the_official_network():
     model = Pose2Seg(config=paper_model_config(backbone_style="ours", seg_channels=8))
     with pytest.raises(OfficialWeightsError, match="model.backbone_style='ours'"):
         load_official_weights(model, {})
+
+
+def test_paper_mode_end_to_end_gives_the_official_masks(official_model):
+    """The imported official weights through the whole paper-mode Predictor (configs/paper.yaml:
+    the official geometry and network) on the 4 sample images with their ground-truth
+    keypoints: every one of the 14 people's masks matches the official code's (IoU >= 0.999,
+    differing pixels within those the fixture marks as within 1e-3 of the threshold), score 1."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    from pose2seg.inference import Predictor
+    from pose2seg.templates import templates_from_json
+
+    cv2 = pytest.importorskip("cv2")
+    sample = OFFICIAL_REFERENCE.parent / "coco_person_sample"
+    if not (sample / "person_keypoints_sample.json").is_file():
+        pytest.skip(f"the COCO person sample is absent ({sample})")
+    config = paper_config()
+    ref = json.loads((OFFICIAL_REFERENCE / "reference.json").read_text())
+    coco = json.loads((sample / "person_keypoints_sample.json").read_text())
+    templates = templates_from_json(
+        json.loads((OFFICIAL_REFERENCE / "templates.json").read_text()), scale=1.0
+    )
+    predictor = Predictor(
+        official_model,
+        templates,
+        config.model,
+        input_size=config.data.input_size,
+        precision="fp32",
+        input_frame=config.data.input_frame,
+    )
+    people_by_ann = {p["ann_id"]: p for p in ref["people"]}
+    checked = 0
+    for image in ref["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["image_id"]]
+        anns = [a for a in anns if not a.get("iscrowd")]
+        kpts = np.asarray([a.get("keypoints") or [0] * 51 for a in anns], np.float32)
+        bgr = cv2.imread(str(sample / image["file_name"]))
+        results = predictor.predict(
+            np.ascontiguousarray(bgr[..., ::-1]), kpts.reshape(-1, 17, 3), image_id=0
+        )
+        assert [r["person_index"] for r in results] == list(range(len(anns)))
+        for ann, result in zip(anns, results, strict=True):
+            person = people_by_ann[ann["id"]]
+            ours = mask_utils.decode(result["segmentation"]).astype(bool)
+            official = mask_utils.decode(person["mask"]["segmentation"]).astype(bool)
+            iou = (ours & official).sum() / (ours | official).sum()
+            assert iou >= 0.999, f"person {ann['id']}: IoU {iou:.5f}"
+            assert (ours ^ official).sum() <= person["mask_pixels_prob_within_1e-3_of_0.5"]
+            assert result["score"] == 1.0
+            checked += 1
+    assert checked == 14
