@@ -298,6 +298,7 @@ def test_predictor_keeps_every_person_with_the_official_rois(fixture, templates)
             "model.seg_channels=8",
             "model.num_residual_units=1",
             "model.seg_block=basic",
+            "model.seg_style=ours",  # the official SegModule is bottleneck-only
         ],
     )
     assert isinstance(config, Config)

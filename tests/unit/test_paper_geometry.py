@@ -99,6 +99,7 @@ def _tiny_paper_config(**overrides) -> Config:
         "model.seg_channels": 8,
         "model.num_residual_units": 1,
         "model.seg_block": "basic",
+        "model.seg_style": "ours",  # the official SegModule is bottleneck-only
         "model.roi_size": 16,
         "data.input_size": 64,
         **overrides,
