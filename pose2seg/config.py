@@ -31,13 +31,13 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
 
 
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS: tuple[str, ...] = ("auto", "gpu", "bf16", "fp16", "fp32")
 """Values of the ``*.mixed_precision`` keys (resolved per device by :mod:`pose2seg.precision`)."""
 
 _PRECISION_ALIASES = {
-    "true": "auto",
-    "yes": "auto",
-    "1": "auto",
+    "true": "gpu",
+    "yes": "gpu",
+    "1": "gpu",
     "false": "fp32",
     "no": "fp32",
     "0": "fp32",
@@ -46,9 +46,10 @@ _PRECISION_ALIASES = {
 
 def precision_setting(value: Any, key: str) -> str:
     """A ``*.mixed_precision`` value as one of :data:`PRECISIONS`; the booleans of the former
-    boolean key still load (true = auto, false = fp32). Raises ConfigError naming the key."""
+    boolean key still load with their former meaning (true = gpu, false = fp32). Raises
+    ConfigError naming the key."""
     if isinstance(value, bool):
-        return "auto" if value else "fp32"
+        return "gpu" if value else "fp32"
     if isinstance(value, str):
         lowered = value.strip().lower()
         lowered = _PRECISION_ALIASES.get(lowered, lowered)
@@ -363,11 +364,13 @@ class TrainConfig:
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
-    mixed_precision: str = "auto"
-    """Training precision: ``auto`` (bf16 autocast on a GPU with bf16, else fp16 + GradScaler;
-    bf16 autocast on a CPU with native bf16 — AMX-BF16, AVX512-BF16 or Arm BF16 — else fp32),
-    ``bf16``, ``fp16`` or ``fp32``. Master weights and the loss stay fp32. The choice and its
-    reason are printed once and logged as the MLflow param ``train.precision_resolved``."""
+    mixed_precision: str = "gpu"
+    """Training precision: ``gpu`` (autocast on a GPU: bf16 where supported, else fp16 +
+    GradScaler; fp32 on CPU), ``auto`` (as ``gpu``, and bf16 autocast on a CPU with native
+    bf16 — AMX-BF16, AVX512-BF16 or Arm BF16), ``bf16``, ``fp16`` or ``fp32``. The default stays
+    ``gpu`` until bf16's AP on CPU is measured against fp32 (docs/TRAINING.md, Precision).
+    Master weights and the loss stay fp32. The choice and its reason are printed once and
+    logged as the MLflow params ``train.precision_resolved`` / ``train.precision_reason``."""
     seed: int = 0
     """Seed of model init and data order."""
     storage_path: str = "runs"
@@ -542,9 +545,10 @@ class EvalConfig:
     keys) unless declared here."""
     default_splits: list[str] = field(default_factory=lambda: ["val"])
     """Splits evaluate.py evaluates when no ``--split`` is given."""
-    mixed_precision: str = "auto"
+    mixed_precision: str = "fp32"
     """Precision of every batch prediction (training-time validation, evaluate.py, predict.py):
-    ``auto`` | ``bf16`` | ``fp16`` | ``fp32``, resolved per device as ``train.mixed_precision``."""
+    ``fp32`` (the default), ``auto``, ``gpu``, ``bf16`` or ``fp16``, resolved per device as
+    ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -671,9 +675,9 @@ class ServeConfig:
     """URL path of the application."""
     app_name: str = "pose2seg"
     """Ray Serve application name (a redeploy under the same name replaces it)."""
-    mixed_precision: str = "auto"
-    """Precision of the Serve replicas (and the MLflow pyfunc): ``auto`` | ``bf16`` | ``fp16``
-    | ``fp32``, resolved per device as ``train.mixed_precision``."""
+    mixed_precision: str = "fp32"
+    """Precision of the Serve replicas (and the MLflow pyfunc): ``fp32`` (the default),
+    ``auto``, ``gpu``, ``bf16`` or ``fp16``, resolved per device as ``train.mixed_precision``."""
 
     def validate(self) -> None:
         _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")

@@ -85,16 +85,21 @@ class InputFrame:
     official one (``data.input_frame = official``, :func:`official_input_frame`); None for ours."""
 
 
-def official_input_frame(
-    image: np.ndarray, keypoints: np.ndarray, *, input_size: int, image_id: int = 0
-) -> InputFrame:
-    """The official input frame (:mod:`pose2seg.paper_geometry`): the image centred in the
-    ``input_size`` square by OpenCV, the keypoints truncated to integers and mapped alike."""
+def _checked_image(image: np.ndarray, image_id: int) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
             f"image {image_id}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
         )
+    return image
+
+
+def official_input_frame(
+    image: np.ndarray, keypoints: np.ndarray, *, input_size: int, image_id: int = 0
+) -> InputFrame:
+    """The official input frame (:mod:`pose2seg.paper_geometry`): the image centred in the
+    ``input_size`` square by OpenCV, the keypoints truncated to integers and mapped alike."""
+    image = _checked_image(image, image_id)
     warped, m1 = warp_to_official_input_frame(image, input_size)
     return InputFrame(
         image_id=int(image_id),
@@ -120,11 +125,7 @@ def to_input_frame(
         return official_input_frame(image, keypoints, input_size=input_size, image_id=image_id)
     if frame != "ours":
         raise ValueError(f"input frame must be 'ours' or 'official', got {frame!r}")
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"image {image_id}: must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
-        )
+    image = _checked_image(image, image_id)
     resized, scale = resize_to_input_frame(image, input_size)
     return InputFrame(
         image_id=int(image_id),

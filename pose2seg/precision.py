@@ -3,8 +3,9 @@
 ``train.mixed_precision``, ``eval.mixed_precision`` and ``serve.mixed_precision`` take one of
 :data:`PRECISIONS`. ``auto`` autocasts to bf16 where the hardware computes it natively (a GPU
 that supports bf16; a CPU with AMX-BF16 or AVX512-BF16 instructions, or an Arm CPU with BF16),
-to fp16 on a GPU without bf16, and stays fp32 elsewhere. Autocast only: master weights,
-optimiser state and the loss stay fp32 (fp16 adds a GradScaler, on GPU).
+to fp16 on a GPU without bf16, and stays fp32 elsewhere. ``gpu`` (the training default, the
+former ``train.mixed_precision: true``) applies the GPU rule only and keeps CPUs in fp32.
+Autocast only: master weights, optimiser state and the loss stay fp32 (fp16 adds a GradScaler).
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def resolve_precision(
         return Precision("bf16", torch.bfloat16, "set to bf16")
     if setting == "fp16":
         return Precision("fp16", torch.float16, "set to fp16")
+    # auto and gpu: the GPU rule.
     if device_type == "cuda":
         if cuda_bf16 is None:
             cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if cuda_bf16:
             return Precision("bf16", torch.bfloat16, "auto: the GPU supports bf16")
         return Precision("fp16", torch.float16, "auto: the GPU lacks bf16")
+    if setting == "gpu":
+        return Precision("fp32", None, "gpu: fp32 on CPU")
     flags = cpu_bf16_flags() if cpu_flags is None else cpu_flags
     if device_type == "cpu" and flags:
         return Precision(

@@ -144,6 +144,7 @@ def test_tiny_model_overfits_synthetic_people():
     by_precision = {}
     for precision in ("fp32", "bf16"):
         predictor = Predictor(model, templates, config, input_size=INPUT, precision=precision)
+        assert predictor.precision.name == precision
         results = {}
         for b, image in enumerate(images):
             people = keypoints[batch_index == b]

@@ -31,10 +31,16 @@ def test_auto_on_cpu_follows_native_bf16(flags, expected):
 @pytest.mark.parametrize(
     ("cuda_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)]
 )
-def test_auto_on_gpu_is_bf16_where_supported_else_fp16(cuda_bf16, expected):
+def test_auto_and_gpu_on_gpu_are_bf16_where_supported_else_fp16(cuda_bf16, expected):
     # The CPU's flags play no part on a GPU.
-    precision = resolve_precision("auto", "cuda", cpu_flags=(), cuda_bf16=cuda_bf16)
-    assert precision.dtype == expected
+    for setting in ("auto", "gpu"):
+        precision = resolve_precision(setting, "cuda", cpu_flags=(), cuda_bf16=cuda_bf16)
+        assert precision.dtype == expected
+
+
+def test_gpu_setting_keeps_every_cpu_in_fp32():
+    for flags in ((), ("amx_bf16", "avx512_bf16")):
+        assert resolve_precision("gpu", "cpu", cpu_flags=flags).dtype is None
 
 
 @pytest.mark.parametrize(
@@ -56,16 +62,20 @@ def test_machine_flags_are_read_from_cpuinfo():
     assert cpu_native_bf16(()) is False and cpu_native_bf16(("avx512_bf16",)) is True
 
 
-@pytest.mark.parametrize("section", ["train", "eval", "serve"])
-def test_precision_keys_take_the_four_values_and_the_old_booleans(section):
+@pytest.mark.parametrize(
+    ("section", "default"), [("train", "gpu"), ("eval", "fp32"), ("serve", "fp32")]
+)
+def test_precision_keys_take_their_values_and_the_old_booleans(section, default):
+    # The defaults keep what the project did before these keys: autocast on GPU training only.
     key = f"{section}.mixed_precision"
-    assert Config().to_flat()[key] == "auto"
+    assert Config().to_flat()[key] == default
     for value, expected in [
         ("bf16", "bf16"),
+        ("auto", "auto"),
         ("FP32", "fp32"),
-        (True, "auto"),
+        (True, "gpu"),
         (False, "fp32"),
-        ("true", "auto"),
+        ("true", "gpu"),
         ("false", "fp32"),
     ]:
         config = Config().with_overrides({key: value})
