@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.official_weights_fixture import official_state_dict, requires_official_reference
+from tests.official_weights_fixture import (
+    OFFICIAL_REFERENCE,
+    official_state_dict,
+    requires_official_reference,
+)
 
 pytestmark = [pytest.mark.integration, requires_official_reference]
 
@@ -24,6 +28,30 @@ def release(official, tmp_path_factory):
     path = tmp_path_factory.mktemp("release") / "pose2seg_release.pkl"
     torch.save(official, path)
     return path
+
+
+def _assert_official_masks(predictor, *, image_id: int) -> None:
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    cv2 = pytest.importorskip("cv2")
+    sample = OFFICIAL_REFERENCE.parent / "coco_person_sample"
+    if not (sample / "person_keypoints_sample.json").is_file():
+        pytest.skip(f"the COCO person sample is absent ({sample})")
+    ref = json.loads((OFFICIAL_REFERENCE / "reference.json").read_text())
+    coco = json.loads((sample / "person_keypoints_sample.json").read_text())
+    image = next(im for im in ref["images"] if im["image_id"] == image_id)
+    anns = [a for a in coco["annotations"] if a["image_id"] == image_id and not a.get("iscrowd")]
+    kpts = np.asarray([a.get("keypoints") or [0] * 51 for a in anns], np.float32)
+    bgr = cv2.imread(str(sample / image["file_name"]))
+    results = predictor.predict(np.ascontiguousarray(bgr[..., ::-1]), kpts.reshape(-1, 17, 3))
+    by_ann = {p["ann_id"]: p for p in ref["people"]}
+    assert len(results) == len(anns) == 5
+    for ann, result in zip(anns, results, strict=True):
+        ours = mask_utils.decode(result["segmentation"]).astype(bool)
+        official = mask_utils.decode(by_ann[ann["id"]]["mask"]["segmentation"]).astype(bool)
+        assert (ours & official).sum() / (ours | official).sum() >= 0.999, ann["id"]
 
 
 def _args(checkpoint, mlflow_uri, *extra):
@@ -68,6 +96,9 @@ def test_import_registers_the_official_weights(
     # The 3 official templates and their 3 mirrors; absent joints are NaN.
     assert predictor.templates.shape == (6, 17, 2)
     assert np.isnan(predictor.templates[1]).any() and not np.isnan(predictor.templates[0]).any()
+
+    # Imported, registered, loaded -> the official masks (the 5 people of image 197388).
+    _assert_official_masks(predictor, image_id=197388)
 
     # A DataParallel save (module. prefix), read from s3://, only written as a checkpoint
     # folder (--no-mlflow): the same tensors, and the registry is untouched.
