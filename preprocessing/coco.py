@@ -337,7 +337,9 @@ class CocoPersonDataset:
                 img.load()
                 rgb = img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            return None, ("image_unreadable", f"cannot decode {uri}: {exc}")
+            from preprocessing.schema import image_error_text
+
+            return None, ("image_unreadable", f"cannot decode {uri}: {image_error_text(exc, uri)}")
         if (rgb.height, rgb.width) != (height, width):
             return None, (
                 "size_mismatch",
