@@ -6,6 +6,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 class SilentServer:
@@ -74,3 +79,81 @@ def test_preprocess_against_a_silent_s3_endpoint_fails_in_bounded_time(
     assert "s3://bucket/data" in last and "Object" in last, last  # the operation and the URI
     # 2 attempts of a 1 s read timeout each, plus backoff; far below the 60 s bound.
     assert elapsed < 30, elapsed
+
+
+def _corrupt_pages(path) -> None:
+    """Scramble the bytes between the header and the footer: the footer (row counts) still
+    reads, the pages do not decode."""
+    data = bytearray(path.read_bytes())
+    for i in range(64, len(data) // 2, 5):
+        data[i] = (data[i] * 31 + 7) % 256
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_parquet_shard_fails_at_once_naming_the_file(ray_session, tmp_path):
+    import ray.train
+
+    from preprocessing.epoch_reader import UnreadableParquetError, list_parquet
+    from preprocessing.pipeline import preprocess_dataset, processed_dir
+    from tests.helpers import tiny_config
+    from workflows import cli
+    from workflows.train_driver import run_training
+
+    # Retries allowed: a data error must not use them.
+    config = tiny_config(tmp_path, **{"train.max_failures": 2, "registry.register": False})
+    preprocess_dataset(config)
+    shards = [uri for uri, _ in list_parquet(processed_dir(config, "train"))]
+    for shard in shards:  # whichever a rank reads first is corrupt
+        _corrupt_pages(Path(shard))
+    with pytest.raises(ray.train.ControllerError) as info:
+        run_training(config)
+    # A ControllerError at the first failure (a retried one ends as a WorkerGroupError after
+    # max_failures restarts), carrying the reader's error.
+    cause = cli.root_cause(info.value)
+    assert isinstance(cause, UnreadableParquetError), repr(cause)
+    line = cli.error_line(cause)
+    assert any(shard in line for shard in shards) and "unreadable" in line, line
+    assert "\n" not in line
+
+
+def test_a_truncated_shard_is_named_before_training_starts(ray_session, tmp_path, capsys):
+    from preprocessing.epoch_reader import list_parquet
+    from preprocessing.pipeline import preprocess_dataset, processed_dir
+    from tests.helpers import tiny_config
+    from workflows import cli
+    from workflows.train_driver import run_training
+
+    config = tiny_config(tmp_path, **{"registry.register": False})
+    preprocess_dataset(config)
+    shard = list_parquet(processed_dir(config, "train"))[0][0]
+    with open(shard, "r+b") as fh:
+        fh.truncate(200)
+    with pytest.raises(ValueError) as info:
+        run_training(config)
+    line = cli.error_line(cli.root_cause(info.value))
+    assert shard in line and "Parquet magic bytes not found" in line, line
+
+
+def test_resume_falls_back_from_a_corrupt_checkpoint_to_the_newest_readable(
+    ray_session, tmp_path, capsys
+):
+    from tests.helpers import tiny_config
+    from workflows.train_driver import run_training
+
+    config = tiny_config(tmp_path, **{"registry.register": False})
+    first = run_training(config)
+    run_dir = tmp_path / "runs" / first.run_name
+    checkpoints = sorted(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert len(checkpoints) == 2, checkpoints
+    corrupt = checkpoints[-1] / "training.pt"
+    corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
+    capsys.readouterr()
+
+    resumed = run_training(config, resume=first.run_name)
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if str(corrupt) in line]
+    assert len(said) == 1 and "resuming from" in said[0], out
+    assert str(checkpoints[0]) in said[0]  # the epoch-1 checkpoint
+    assert any("resuming from the checkpoint of epoch 1" in line for line in out), out
+    # Epoch 2 was trained again, from epoch 1's state, and the run finished.
+    assert [int(h["epoch"]) for h in resumed.history] == [1, 2]
