@@ -25,6 +25,7 @@ __all__ = [
     "MAX_KEYPOINT_ABS",
     "REASON_OUTSIDE_IMAGE",
     "describe_outside_keypoints",
+    "keypoint_number_problem",
     "keypoints_outside_image",
     "outside_image_rejects",
     "people_keypoints",
@@ -91,6 +92,28 @@ def describe_outside_keypoints(
     )
 
 
+def keypoint_number_problem(values: Any) -> str:
+    """Why keypoint numbers cannot be used ("" when they can): NaN or infinity is "not
+    finite"; a finite number beyond :data:`MAX_KEYPOINT_ABS` (``1e308``, which float32 would
+    turn into infinity) is "out of range". ``values``: any shape of numbers, read as float64."""
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        return "every number must be finite (no NaN or infinity)"
+    too_big = np.abs(arr) > MAX_KEYPOINT_ABS
+    if too_big.any():
+        index = tuple(int(i) for i in np.argwhere(too_big)[0])
+        where = ""
+        if arr.ndim == 3:
+            where = f"person {index[0]}, keypoint {index[1]}: "
+        elif arr.ndim >= 1:
+            where = f"number {index[-1]}: " if arr.ndim == 1 else ""
+        return (
+            f"{where}{arr[index]:g} is out of range (every number must be within "
+            f"+-{MAX_KEYPOINT_ABS:g})"
+        )
+    return ""
+
+
 def outside_image_rejects(
     keypoints: np.ndarray, *, height: int, width: int, margin_fraction: float
 ) -> list[tuple[int, str]]:
@@ -143,15 +166,9 @@ def people_keypoints(people: Any) -> np.ndarray:
             f"expected N x {values} or N x {NUM_KEYPOINTS} x 3 numbers (COCO order), "
             f"got shape {list(arr.shape)}"
         )
-    if not np.isfinite(arr).all():
-        raise ValueError("every number must be finite (no NaN or infinity)")
-    too_big = np.abs(arr) > MAX_KEYPOINT_ABS
-    if too_big.any():
-        n, k, c = (int(i) for i in np.argwhere(too_big)[0])
-        raise ValueError(
-            f"person {n}, keypoint {k}: {arr[n, k, c]:g} is out of range "
-            f"(every number must be within +-{MAX_KEYPOINT_ABS:g})"
-        )
+    problem = keypoint_number_problem(arr)
+    if problem:
+        raise ValueError(problem)
     if (arr[..., 2] < 0).any():
         raise ValueError("visibility (every third number) must be >= 0 (0 = unlabelled)")
     return arr.astype(np.float32)

@@ -47,9 +47,10 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
 
     summary = preprocess_dataset(config, force=force)
 
-    train = load_split(config, "train")
     # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
+    # First: reading every footer names a truncated shard (Ray Data's reader would not).
     train_files = list_parquet(processed_dir(config, "train"))
+    train = load_split(config, "train")
     # The val split is read by every worker every epoch: materialise it once in the object
     # store instead of re-running its read tasks (which also compete for CPUs) each time.
     # Read from a file list (no Ray Data Parquet listing: its footer-reader actors are each a

@@ -90,7 +90,7 @@ def _corrupt_pages(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupt_parquet_shard_fails_at_once_naming_the_file(ray_session, tmp_path):
+def test_a_corrupt_parquet_shard_is_named_and_not_retried(ray_session, tmp_path):
     import ray.train
 
     from preprocessing.epoch_reader import UnreadableParquetError, list_parquet
@@ -102,36 +102,29 @@ def test_a_corrupt_parquet_shard_fails_at_once_naming_the_file(ray_session, tmp_
     # Retries allowed: a data error must not use them.
     config = tiny_config(tmp_path, **{"train.max_failures": 2, "registry.register": False})
     preprocess_dataset(config)
-    shards = [uri for uri, _ in list_parquet(processed_dir(config, "train"))]
-    for shard in shards:  # whichever a rank reads first is corrupt
-        _corrupt_pages(Path(shard))
-    with pytest.raises(ray.train.ControllerError) as info:
-        run_training(config)
-    # A ControllerError at the first failure (a retried one ends as a WorkerGroupError after
-    # max_failures restarts), carrying the reader's error.
-    cause = cli.root_cause(info.value)
-    assert isinstance(cause, UnreadableParquetError), repr(cause)
-    line = cli.error_line(cause)
-    assert any(shard in line for shard in shards) and "unreadable" in line, line
-    assert "\n" not in line
+    shards = [Path(uri) for uri, _ in list_parquet(processed_dir(config, "train"))]
+    intact = [p.read_bytes() for p in shards]
 
-
-def test_a_truncated_shard_is_named_before_training_starts(ray_session, tmp_path, capsys):
-    from preprocessing.epoch_reader import list_parquet
-    from preprocessing.pipeline import preprocess_dataset, processed_dir
-    from tests.helpers import tiny_config
-    from workflows import cli
-    from workflows.train_driver import run_training
-
-    config = tiny_config(tmp_path, **{"registry.register": False})
-    preprocess_dataset(config)
-    shard = list_parquet(processed_dir(config, "train"))[0][0]
-    with open(shard, "r+b") as fh:
-        fh.truncate(200)
+    # Truncated: found while the driver lists the shards, before any worker starts.
+    shards[0].write_bytes(intact[0][:200])
     with pytest.raises(ValueError) as info:
         run_training(config)
     line = cli.error_line(cli.root_cause(info.value))
-    assert shard in line and "Parquet magic bytes not found" in line, line
+    assert str(shards[0]) in line and "Parquet magic bytes not found" in line, line
+
+    # Corrupt pages (the footer reads): the first worker to read one fails, and the run ends
+    # there, as a ControllerError (a retried failure ends as a WorkerGroupError after
+    # train.max_failures restarts) carrying the reader's error.
+    for path, data in zip(shards, intact, strict=True):
+        path.write_bytes(data)
+        _corrupt_pages(path)
+    with pytest.raises(ray.train.ControllerError) as info:
+        run_training(config)
+    cause = cli.root_cause(info.value)
+    assert isinstance(cause, UnreadableParquetError), repr(cause)
+    line = cli.error_line(cause)
+    assert any(str(p) in line for p in shards) and "unreadable" in line, line
+    assert "\n" not in line
 
 
 def test_resume_falls_back_from_a_corrupt_checkpoint_to_the_newest_readable(
@@ -143,7 +136,9 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_to_the_newest_readable(
     config = tiny_config(tmp_path, **{"registry.register": False})
     first = run_training(config)
     run_dir = tmp_path / "runs" / first.run_name
-    checkpoints = sorted(p for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    checkpoints = sorted(
+        p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
+    )
     assert len(checkpoints) == 2, checkpoints
     corrupt = checkpoints[-1] / "training.pt"
     corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])

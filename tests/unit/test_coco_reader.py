@@ -240,6 +240,7 @@ def test_size_mismatch(tmp_path):
         ([*_keypoints(8, 10)[:-1], 3], "visibility"),
         ([*_keypoints(8, 10)[:-1], "2"], "non-number"),
         ([float("nan"), *_keypoints(8, 10)[1:]], "NaN"),
+        ([1e308, *_keypoints(8, 10)[1:]], "1e+308 is out of range"),
         ("17 points", "got str"),
     ],
 )

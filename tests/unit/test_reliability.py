@@ -551,3 +551,16 @@ def test_pyfunc_bad_input_is_an_invalid_parameter_mlflow_exception():
         assert info.value.get_http_status_code() == 400 and fragment in info.value.message
     ok = pd.DataFrame({"image": [_png()], "keypoints": ["[]"], "image_id": [8]})
     assert len(model.predict(None, ok)) == 0
+
+
+def test_a_keypoint_results_file_with_1e308_says_out_of_range():
+    from workflows.eval_io import KeypointResultsError, results_keypoints
+
+    gt = {"images": [{"id": 1}]}
+    good = [10.0, 10.0, 2.0] * 17
+    assert results_keypoints([{"image_id": 1, "keypoints": good}], gt, source="kp.json")[1].shape
+    bad = [1e308, *good[1:]]
+    with pytest.raises(KeypointResultsError, match=r"entry 0 .*1e\+308 is out of range"):
+        results_keypoints([{"image_id": 1, "keypoints": bad}], gt, source="kp.json")
+    with pytest.raises(KeypointResultsError, match="finite"):
+        results_keypoints([{"image_id": 1, "keypoints": [float("nan"), *good[1:]]}], gt, source="x")
