@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from workflows.serve import run_serve
 
     settings = []
+    port = _free_port()  # one proxy for both settings: Serve keeps its first HTTP options
     common.start_ray(args.num_cpus)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-serve-limits-") as ckpt:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 app = f"bench-limits-{name}"
                 cfg = config.with_overrides(
                     {
-                        "serve.port": _free_port(),
+                        "serve.port": port,
                         "serve.app_name": app,
                         "serve.max_image_pixels": limit,
                     }
