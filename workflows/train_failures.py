@@ -22,11 +22,16 @@ from typing import Any
 
 import ray.train
 
-from pose2seg.checkpoint import CheckpointError
-from preprocessing.epoch_reader import UnreadableParquetError
+# Errors of the data, not of the run: retrying reads the same bytes again. By qualified class
+# name, so that the callback below does not import torch into Ray Train's controller.
+NON_RETRIED = (
+    "preprocessing.epoch_reader.UnreadableParquetError",
+    "pose2seg.checkpoint.CheckpointError",
+)
 
-# Errors of the data, not of the run: retrying reads the same bytes again.
-NON_RETRIED = (UnreadableParquetError, CheckpointError)
+
+def _is_non_retried(exc: BaseException) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in NON_RETRIED for c in type(exc).__mro__)
 
 
 def data_error(exc: BaseException) -> BaseException | None:
@@ -42,7 +47,7 @@ def data_error(exc: BaseException) -> BaseException | None:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, NON_RETRIED):
+        if _is_non_retried(cur):
             return cur
         todo += [getattr(cur, "_base_exc", None), getattr(cur, "cause", None), cur.__cause__]
     return None
@@ -82,7 +87,7 @@ def _checkpoint_names(run_uri: str) -> list[str]:
 def check_checkpoint(uri: str) -> None:
     """Read a stored checkpoint (with its training state) as a resume would; raises
     :class:`CheckpointError` naming the unreadable file."""
-    from pose2seg.checkpoint import load_checkpoint
+    from pose2seg.checkpoint import CheckpointError, load_checkpoint
     from preprocessing.storage import download_dir, is_remote
 
     if not is_remote(uri):
@@ -101,6 +106,7 @@ def choose_resume_checkpoint(run_uri: str) -> ResumePlan:
     (Ray Train's own choice stands, nothing is replaced), else the newest readable one and the
     unreadable ones skipped. Raises CheckpointError when the run has checkpoints and none
     reads."""
+    from pose2seg.checkpoint import CheckpointError
     from preprocessing.storage import join
 
     plan = ResumePlan()
