@@ -71,7 +71,10 @@ def parquet_errors(uri: str) -> Iterator[None]:
     except (pa.ArrowException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, OSError) and any(word in reason for word in _TRANSIENT):
-            raise OSError(f"reading Parquet file {uri} failed: {reason}") from exc
+            from preprocessing.storage import endpoint_url, is_remote
+
+            where = f" (S3 endpoint {endpoint_url() or 'AWS S3'})" if is_remote(uri) else ""
+            raise OSError(f"reading Parquet file {uri}{where} failed: {reason}") from exc
         raise UnreadableParquetError(
             f"Parquet file {uri} is unreadable ({reason}); rebuild the dataset variant with "
             "workflows/preprocess.py --force"

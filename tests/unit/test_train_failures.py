@@ -73,3 +73,17 @@ def test_data_errors_end_the_run_from_the_controller_and_others_are_retried():
     with pytest.raises(ray.train.ControllerError) as info:
         callback.after_exception(None, {1: _Wrapped(RuntimeError("peer")), 0: _Wrapped(bad)})
     assert info.value.controller_failure is bad
+
+
+def test_parquet_errors_tell_a_corrupt_file_from_a_storage_failure(monkeypatch):
+    from preprocessing.epoch_reader import parquet_errors
+
+    with pytest.raises(UnreadableParquetError, match=r"Parquet file s3://b/x\.parquet is unread"):
+        with parquet_errors("s3://b/x.parquet"):
+            raise OSError("Unexpected end of stream")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    with pytest.raises(
+        OSError, match=r"s3://b/x\.parquet \(S3 endpoint http://127\.0\.0\.1:9000\)"
+    ):
+        with parquet_errors("s3://b/x.parquet"):
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: timeout")
