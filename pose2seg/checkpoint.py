@@ -72,26 +72,50 @@ def save_checkpoint(
     return directory
 
 
+def _read(path: str, read):
+    """``read(path)``; any failure (a truncated zip, bad JSON, a short .npy) becomes one
+    CheckpointError naming the file."""
+    try:
+        return read(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable ({type(exc).__name__}: {reason})"
+        ) from exc
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def load_checkpoint(directory: str, *, with_training_state: bool = False) -> LoadedCheckpoint:
-    """Read a checkpoint folder written by :func:`save_checkpoint`."""
+    """Read a checkpoint folder written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: a file is missing, or unreadable (the message names the file).
+    """
     for name in (MODEL_FILE, CONFIG_FILE, TEMPLATES_FILE):
         if not os.path.isfile(os.path.join(directory, name)):
             raise CheckpointError(f"checkpoint {directory!r} has no {name}")
-    with open(os.path.join(directory, CONFIG_FILE)) as fh:
-        config = Config.from_flat(json.load(fh))
-    templates = np.load(os.path.join(directory, TEMPLATES_FILE)).astype(np.float32)
-    model_state = torch.load(
-        os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True
+    config = Config.from_flat(_read(os.path.join(directory, CONFIG_FILE), _read_json))
+    templates = _read(os.path.join(directory, TEMPLATES_FILE), np.load).astype(np.float32)
+    model_state = _read(
+        os.path.join(directory, MODEL_FILE),
+        lambda p: torch.load(p, map_location="cpu", weights_only=True),
     )
     state: dict[str, Any] = {}
     state_path = os.path.join(directory, STATE_FILE)
     if os.path.isfile(state_path):
-        with open(state_path) as fh:
-            state = json.load(fh)
+        state = _read(state_path, _read_json)
     training_state = None
     training_path = os.path.join(directory, TRAINING_FILE)
     if with_training_state and os.path.isfile(training_path):
-        training_state = torch.load(training_path, map_location="cpu", weights_only=False)
+        training_state = _read(
+            training_path, lambda p: torch.load(p, map_location="cpu", weights_only=False)
+        )
     return LoadedCheckpoint(
         config=config,
         templates=templates,

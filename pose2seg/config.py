@@ -678,6 +678,15 @@ class ServeConfig:
     mixed_precision: str = "fp32"
     """Precision of the Serve replicas (and the MLflow pyfunc): ``fp32`` (the default),
     ``auto``, ``gpu``, ``bf16`` or ``fp16``, resolved per device as ``train.mixed_precision``."""
+    max_image_pixels: int = 50_000_000
+    """Largest image a request may send, in pixels (width x height as the file's header
+    declares it, checked before decoding); a larger one is answered 413. 0: no limit."""
+    max_people: int = 100
+    """Most people (keypoint sets) one request may give; more is answered 413. 0: no limit."""
+    image_roots: list[str] = field(default_factory=list)
+    """Folders or ``s3://`` prefixes that a request's ``image_uri`` may read from (a path or
+    URI below one of them, or a name relative to the first). Empty (the default):
+    ``image_uri`` is refused with 403 and requests send the image bytes."""
 
     def validate(self) -> None:
         _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
@@ -694,6 +703,14 @@ class ServeConfig:
         _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with '/'")
         _check(bool(self.app_name), "serve.app_name", "must not be empty")
         _one_of(self.mixed_precision, "serve.mixed_precision", PRECISIONS)
+        _check(self.max_image_pixels >= 0, "serve.max_image_pixels", "must be >= 0 (0: no limit)")
+        _check(self.max_people >= 0, "serve.max_people", "must be >= 0 (0: no limit)")
+        for root in self.image_roots:
+            _check(
+                bool(root.strip()) and ("://" not in root or root.startswith("s3://")),
+                "serve.image_roots",
+                f"{root!r} is not a folder or an s3:// prefix",
+            )
 
 
 SECTIONS: dict[str, type] = {

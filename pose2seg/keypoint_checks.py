@@ -5,8 +5,9 @@ A labelled keypoint (v > 0) far outside its image is an annotation or pose-estim
 template and warp features from nowhere. A person with such a keypoint is **rejected** with
 reason :data:`REASON_OUTSIDE_IMAGE`, in preprocessing (a row of the rejects table, counted
 against ``data.max_reject_fraction``) and in batch inference (an entry of ``rejects.json``,
-no mask for that person); the MLflow pyfunc answers such a request with a 400 naming the
-person. "Far" means more than ``margin_fraction`` of the image's longer side beyond an image
+no mask for that person) and in the Ray Serve app (an entry of the answer's ``rejected``, no
+mask for that person), all three through :func:`outside_image_rejects`; the MLflow pyfunc
+answers such a request with a 400 naming the person. "Far" means more than ``margin_fraction`` of the image's longer side beyond an image
 border: keypoints just outside the frame (a limb leaving the picture, a pose estimator
 extrapolating a little) are kept.
 """
@@ -21,9 +22,12 @@ from pose2seg.skeleton import NUM_KEYPOINTS
 
 __all__ = [
     "DEFAULT_KEYPOINT_MARGIN_FRACTION",
+    "MAX_KEYPOINT_ABS",
     "REASON_OUTSIDE_IMAGE",
     "describe_outside_keypoints",
+    "keypoint_number_problem",
     "keypoints_outside_image",
+    "outside_image_rejects",
     "people_keypoints",
 ]
 
@@ -32,6 +36,10 @@ DEFAULT_KEYPOINT_MARGIN_FRACTION: float = 0.25
 
 REASON_OUTSIDE_IMAGE: str = "keypoints_outside_image"
 """The reject reason of a person with a labelled keypoint beyond the margin."""
+
+MAX_KEYPOINT_ABS: float = 1e9
+"""Largest magnitude a request's number may have: beyond it a value is out of range (no image
+is a billion pixels wide, and float32 arithmetic on such values overflows)."""
 
 
 def _outside_mask(
@@ -84,6 +92,51 @@ def describe_outside_keypoints(
     )
 
 
+def keypoint_number_problem(values: Any) -> str:
+    """Why keypoint numbers cannot be used ("" when they can): NaN or infinity is "not
+    finite"; a finite number beyond :data:`MAX_KEYPOINT_ABS` (``1e308``, which float32 would
+    turn into infinity) is "out of range". ``values``: any shape of numbers, read as float64."""
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        return "every number must be finite (no NaN or infinity)"
+    too_big = np.abs(arr) > MAX_KEYPOINT_ABS
+    if too_big.any():
+        index = tuple(int(i) for i in np.argwhere(too_big)[0])
+        where = ""
+        if arr.ndim == 3:
+            where = f"person {index[0]}, keypoint {index[1]}: "
+        elif arr.ndim >= 1:
+            where = f"number {index[-1]}: " if arr.ndim == 1 else ""
+        return (
+            f"{where}{arr[index]:g} is out of range (every number must be within "
+            f"+-{MAX_KEYPOINT_ABS:g})"
+        )
+    return ""
+
+
+def outside_image_rejects(
+    keypoints: np.ndarray, *, height: int, width: int, margin_fraction: float
+) -> list[tuple[int, str]]:
+    """The people to reject for a labelled keypoint beyond the margin: ``(person index,
+    one-line reason)`` each, in order. The one rule of batch inference and the Serve app.
+
+    Args:
+        keypoints: (N, K, 3) x, y, visibility in the image's pixels.
+        height, width: the image size H, W in pixels.
+        margin_fraction: allowed distance beyond a border, as a fraction of ``max(H, W)``.
+    """
+    kpts = np.asarray(keypoints, dtype=np.float64)
+    rejects = []
+    for index in np.flatnonzero(
+        keypoints_outside_image(kpts, height=height, width=width, margin_fraction=margin_fraction)
+    ):
+        why = describe_outside_keypoints(
+            kpts[index], height=height, width=width, margin_fraction=margin_fraction
+        )
+        rejects.append((int(index), why))
+    return rejects
+
+
 def people_keypoints(people: Any) -> np.ndarray:
     """A request's people (a list, each ``3K`` numbers or ``K x [x, y, v]``, COCO order) as
     ``(N, K, 3)`` float32: what every online entry point (the pyfunc, the Serve app) accepts.
@@ -100,7 +153,8 @@ def people_keypoints(people: Any) -> np.ndarray:
     if len(people) == 0:
         return np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
     try:
-        arr = np.asarray(people, dtype=np.float32)
+        # float64 first: 1e308 is a finite number that float32 would turn into inf.
+        arr = np.asarray(people, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(
             f"every person must be {values} numbers or {NUM_KEYPOINTS} x [x, y, v] numbers"
@@ -112,8 +166,9 @@ def people_keypoints(people: Any) -> np.ndarray:
             f"expected N x {values} or N x {NUM_KEYPOINTS} x 3 numbers (COCO order), "
             f"got shape {list(arr.shape)}"
         )
-    if not np.isfinite(arr).all():
-        raise ValueError("every number must be finite")
+    problem = keypoint_number_problem(arr)
+    if problem:
+        raise ValueError(problem)
     if (arr[..., 2] < 0).any():
         raise ValueError("visibility (every third number) must be >= 0 (0 = unlabelled)")
-    return arr
+    return arr.astype(np.float32)

@@ -48,6 +48,7 @@ from pose2seg.keypoint_checks import (
     DEFAULT_KEYPOINT_MARGIN_FRACTION,
     REASON_OUTSIDE_IMAGE,
     describe_outside_keypoints,
+    keypoint_number_problem,
 )
 from pose2seg.skeleton import NUM_KEYPOINTS
 from preprocessing import storage
@@ -337,7 +338,9 @@ class CocoPersonDataset:
                 img.load()
                 rgb = img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            return None, ("image_unreadable", f"cannot decode {uri}: {exc}")
+            from preprocessing.schema import image_error_text
+
+            return None, ("image_unreadable", f"cannot decode {uri}: {image_error_text(exc, uri)}")
         if (rgb.height, rgb.width) != (height, width):
             return None, (
                 "size_mismatch",
@@ -434,9 +437,10 @@ def _parse_keypoints(value: Any, iscrowd: bool) -> tuple[np.ndarray | None, str]
         return None, f"expected a list of {3 * NUM_KEYPOINTS} numbers, got {length}"
     if not all(_is_number(v) for v in value):
         return None, "keypoints hold a non-number"
+    problem = keypoint_number_problem(value)
+    if problem:
+        return None, f"keypoints: {problem}"
     kps = np.asarray(value, dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
-    if not np.isfinite(kps).all():
-        return None, "keypoints hold NaN or infinity"
     if not np.isin(kps[:, 2], (0.0, 1.0, 2.0)).all():
         return None, f"visibility flags must be 0, 1 or 2, got {sorted(set(kps[:, 2].tolist()))}"
     return kps, ""

@@ -40,6 +40,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -48,13 +49,45 @@ FileEntry = tuple[str, int]  # (uri, rows)
 FileSlice = tuple[str, int, int]  # (uri, first row, end row)
 
 
+class UnreadableParquetError(ValueError):
+    """A Parquet file that cannot be decoded (truncated, corrupt pages): a data error, which
+    no retry fixes. The message names the file."""
+
+
+# Words of pyarrow's OSErrors that mean the storage, not the file, failed (worth a retry).
+_TRANSIENT = ("AWS Error", "curlCode", "timed out", "Timeout", "Connection", "connection")
+
+
+@contextmanager
+def parquet_errors(uri: str) -> Iterator[None]:
+    """Name ``uri`` in a decoding error: :class:`UnreadableParquetError` for a corrupt or
+    truncated file; an OSError naming the file for a storage failure."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except UnreadableParquetError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OSError) and any(word in reason for word in _TRANSIENT):
+            from preprocessing.storage import endpoint_url, is_remote
+
+            where = f" (S3 endpoint {endpoint_url() or 'AWS S3'})" if is_remote(uri) else ""
+            raise OSError(f"reading Parquet file {uri}{where} failed: {reason}") from exc
+        raise UnreadableParquetError(
+            f"Parquet file {uri} is unreadable ({reason}); rebuild the dataset variant with "
+            "workflows/preprocess.py --force"
+        ) from None
+
+
 def _footer_rows(uri: str) -> int:
     import pyarrow.parquet as pq
 
     from preprocessing.storage import pyarrow_filesystem
 
     fs, path = pyarrow_filesystem(uri)
-    with fs.open_input_file(path) as fh:
+    with parquet_errors(uri), fs.open_input_file(path) as fh:
         return int(pq.ParquetFile(fh).metadata.num_rows)
 
 
@@ -110,7 +143,8 @@ def read_slice(uri: str, start: int, stop: int) -> Any:
     from preprocessing.storage import pyarrow_filesystem
 
     fs, path = pyarrow_filesystem(uri)
-    table = pq.read_table(path, filesystem=fs)
+    with parquet_errors(uri):
+        table = pq.read_table(path, filesystem=fs)
     if stop > table.num_rows:
         raise ValueError(f"{uri}: has {table.num_rows} rows, expected at least {stop}")
     return table.slice(start, stop - start)

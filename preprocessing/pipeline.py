@@ -610,10 +610,11 @@ def preprocess_dataset(
     if exists(meta_uri):
         # Mark the variant incomplete until this run finishes.
         if is_remote(meta_uri):
-            from preprocessing.storage import s3_client, split_s3
+            from preprocessing.storage import s3_call, s3_client, split_s3
 
             bucket, key = split_s3(meta_uri)
-            s3_client().delete_object(Bucket=bucket, Key=key)
+            with s3_call("DeleteObject", meta_uri):
+                s3_client().delete_object(Bucket=bucket, Key=key)
         else:
             os.remove(meta_uri)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,12 +118,48 @@ def encode_image(image: np.ndarray, *, encoding: str) -> bytes:
     return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> ``(h, w, 3)`` uint8 RGB."""
+class ImageDecodeError(ValueError):
+    """Bytes that are not a decodable image; the message names the file."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than allowed (checked before decoding)."""
+
+
+_STREAM_REPR = re.compile(r"<_?io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def image_error_text(exc: BaseException, name: str) -> str:
+    """The first line of a Pillow error with the in-memory stream it names
+    (``<_io.BytesIO object at 0x...>``) replaced by ``name``, the file or URI."""
+    text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _STREAM_REPR.sub(lambda _: name, text)
+
+
+def decode_image(data: bytes, *, name: str = "image", max_pixels: int = 0) -> np.ndarray:
+    """PNG/JPEG bytes -> ``(h, w, 3)`` uint8 RGB.
+
+    ``name`` (the file path or URI) is what an error message calls the image. ``max_pixels``
+    (0: no limit) bounds ``h * w`` as the file's header declares it, before any pixel is
+    decoded (Pillow reads the header only in ``Image.open``): :class:`ImageTooLargeError`.
+    Undecodable bytes: :class:`ImageDecodeError`.
+    """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as pil:
-        return np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            if max_pixels and pil.width * pil.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: the image is {pil.width}x{pil.height} (WxH), "
+                    f"{pil.width * pil.height} pixels, more than the {max_pixels} allowed"
+                )
+            return np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    except ImageTooLargeError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad bytes (and decompression bombs)
+        raise ImageDecodeError(
+            f"{name}: not a decodable image ({image_error_text(exc, name)})"
+        ) from None
 
 
 def _array_bytes(

@@ -5,12 +5,21 @@ dataset root can be a local folder or an S3 prefix (AWS or any S3-compatible end
 endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (passed to boto3 and to
 pyarrow explicitly, so that older clients that ignore the variables still honour it);
 credentials come from the usual AWS environment / config chain.
+
+Every S3 call has a connect timeout, a read timeout and a bounded number of attempts (boto3 and
+pyarrow alike): ``POSE2SEG_S3_CONNECT_TIMEOUT_S`` (default 10), ``POSE2SEG_S3_READ_TIMEOUT_S``
+(default 60) and ``POSE2SEG_S3_MAX_ATTEMPTS`` (default ``AWS_MAX_ATTEMPTS``, else 3). An endpoint
+that refuses, drops or never answers a boto3 call is one :class:`S3UnreachableError` naming the
+endpoint, the operation and the URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 S3_SCHEME = "s3://"
@@ -95,19 +104,107 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-_CLIENTS: dict[tuple[str | None, str | None], Any] = {}
+CONNECT_TIMEOUT_ENV = "POSE2SEG_S3_CONNECT_TIMEOUT_S"
+READ_TIMEOUT_ENV = "POSE2SEG_S3_READ_TIMEOUT_S"
+MAX_ATTEMPTS_ENV = "POSE2SEG_S3_MAX_ATTEMPTS"
+
+
+@dataclass(frozen=True)
+class S3Timeouts:
+    """How long one S3 request may take to connect and to answer, and how often it is tried."""
+
+    connect_s: float = 10.0
+    read_s: float = 60.0
+    max_attempts: int = 3
+
+    def describe(self) -> str:
+        return (
+            f"connect timeout {self.connect_s:g} s, read timeout {self.read_s:g} s, "
+            f"{self.max_attempts} attempt(s)"
+        )
+
+
+def _env_number(name: str, default: float, *, integer: bool = False) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        kind = "a positive integer" if integer else "a positive number of seconds"
+        raise ValueError(f"{name}={text!r}: expected {kind}")
+    return value
+
+
+def s3_timeouts() -> S3Timeouts:
+    """The S3 timeouts and attempts from the environment (see the module docstring)."""
+    attempts_default = 3
+    if os.environ.get("AWS_MAX_ATTEMPTS", "").strip().isdigit():
+        attempts_default = max(1, int(os.environ["AWS_MAX_ATTEMPTS"]))
+    return S3Timeouts(
+        connect_s=_env_number(CONNECT_TIMEOUT_ENV, 10.0),
+        read_s=_env_number(READ_TIMEOUT_ENV, 60.0),
+        max_attempts=int(_env_number(MAX_ATTEMPTS_ENV, attempts_default, integer=True)),
+    )
+
+
+class S3UnreachableError(OSError):
+    """An S3 endpoint refused, dropped or never answered a request (after every attempt)."""
+
+
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client for the current endpoint and credentials (cached per endpoint/key)."""
+    """A boto3 S3 client for the current endpoint, credentials and timeouts (cached)."""
     import boto3
+    from botocore.config import Config as BotoConfig
 
-    cache_key = (endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    limits = s3_timeouts()
+    cache_key = (endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), limits)
     client = _CLIENTS.get(cache_key)
     if client is None:
-        client = boto3.client("s3", endpoint_url=cache_key[0])
+        client = boto3.client(
+            "s3",
+            endpoint_url=cache_key[0],
+            config=BotoConfig(
+                connect_timeout=limits.connect_s,
+                read_timeout=limits.read_s,
+                retries={"max_attempts": limits.max_attempts, "mode": "standard"},
+            ),
+        )
         _CLIENTS[cache_key] = client
     return client
+
+
+@contextlib.contextmanager
+def s3_call(operation: str, uri: str) -> Iterator[None]:
+    """Turn a connection failure or timeout of a boto3 call into one
+    :class:`S3UnreachableError` line naming the endpoint, ``operation`` and ``uri``."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    try:
+        yield
+    except (
+        ConnectTimeoutError,
+        ReadTimeoutError,
+        EndpointConnectionError,
+        ConnectionClosedError,
+    ) as exc:
+        endpoint = endpoint_url() or "AWS S3"
+        what = "never answered" if isinstance(exc, ReadTimeoutError) else "could not be reached"
+        raise S3UnreachableError(
+            f"S3 endpoint {endpoint} {what} for {operation} of {uri} "
+            f"({s3_timeouts().describe()}; {type(exc).__name__}); set "
+            f"{READ_TIMEOUT_ENV} / {CONNECT_TIMEOUT_ENV} / {MAX_ATTEMPTS_ENV} to change them"
+        ) from None
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -127,7 +224,8 @@ def read_bytes(uri: str) -> bytes:
 
     bucket, key = split_s3(uri)
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        with s3_call("GetObject", uri):
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
         if _is_missing(exc):
             raise FileNotFoundError(f"no such object: {uri}") from None
@@ -144,7 +242,8 @@ def write_bytes(uri: str, data: bytes) -> None:
             fh.write(data)
         return
     bucket, key = split_s3(uri)
-    s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+    with s3_call("PutObject", uri):
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def exists(uri: str) -> bool:
@@ -157,14 +256,16 @@ def exists(uri: str) -> bool:
     client = s3_client()
     if key and not key.endswith("/"):
         try:
-            client.head_object(Bucket=bucket, Key=key)
+            with s3_call("HeadObject", uri):
+                client.head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as exc:
             if not _is_missing(exc):
                 raise OSError(f"checking {uri} failed: {exc}") from exc
     prefix = key.rstrip("/") + "/" if key else ""
     try:
-        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        with s3_call("ListObjectsV2", uri):
+            listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except ClientError as exc:
         if _is_missing(exc):
             return False
@@ -191,10 +292,11 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
         prefix = key.rstrip("/") + "/" if key else ""
         paginator = s3_client().get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                found.extend(
-                    f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
-                )
+            with s3_call("ListObjectsV2", uri):
+                for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                    found.extend(
+                        f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                    )
         except ClientError as exc:
             if _is_missing(exc):
                 raise FileNotFoundError(f"no such bucket: {uri}") from None
@@ -217,9 +319,10 @@ def list_dirs(uri: str) -> list[str]:
     names: set[str] = set()
     paginator = s3_client().get_paginator("list_objects_v2")
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for entry in page.get("CommonPrefixes", []):
-                names.add(entry["Prefix"][len(prefix) :].rstrip("/"))
+        with s3_call("ListObjectsV2", uri):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                for entry in page.get("CommonPrefixes", []):
+                    names.add(entry["Prefix"][len(prefix) :].rstrip("/"))
     except ClientError as exc:
         if _is_missing(exc):
             return []
@@ -235,7 +338,8 @@ def upload_dir(local_dir: str, uri: str) -> int:
         target = join(uri, rel)
         if is_remote(target):
             bucket, key = split_s3(target)
-            s3_client().upload_file(path, bucket, key)
+            with s3_call("PutObject", target):
+                s3_client().upload_file(path, bucket, key)
         else:
             with open(path, "rb") as fh:
                 write_bytes(target, fh.read())
@@ -252,7 +356,8 @@ def download_dir(uri: str, local_dir: str) -> int:
             _, file_key = split_s3(file_uri)
             target = os.path.join(local_dir, *file_key[len(prefix) :].split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            s3_client().download_file(bucket, file_key, target)
+            with s3_call("GetObject", file_uri):
+                s3_client().download_file(bucket, file_key, target)
     else:
         for path in files:
             target = os.path.join(local_dir, os.path.relpath(path, uri))
@@ -265,14 +370,19 @@ def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
 
     Local paths give a LocalFileSystem and the absolute path. ``s3://bucket/key`` gives an
     S3FileSystem (with ``endpoint_override`` and the scheme taken from the endpoint env var when
-    one is set) and ``bucket/key``.
+    one is set, and the timeouts and attempts of :func:`s3_timeouts`) and ``bucket/key``.
     """
     import pyarrow.fs as pafs
 
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     bucket, key = split_s3(uri)
-    kwargs: dict[str, Any] = {}
+    limits = s3_timeouts()
+    kwargs: dict[str, Any] = {
+        "connect_timeout": limits.connect_s,
+        "request_timeout": limits.read_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=limits.max_attempts),
+    }
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region

@@ -151,8 +151,8 @@ class PredictorActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from pose2seg.keypoint_checks import describe_outside_keypoints
-        from preprocessing.schema import decode_image
+        from pose2seg.keypoint_checks import outside_image_rejects
+        from preprocessing.schema import ImageDecodeError, decode_image, image_error_text
         from preprocessing.storage import read_bytes
 
         out_ids, out_results, out_rejects = [], [], []
@@ -164,29 +164,30 @@ class PredictorActor:
             results: list[dict[str, Any]] = []
             pixels = None
             try:
-                pixels = decode_image(read_bytes(uri))
+                pixels = decode_image(read_bytes(uri), name=uri)
             except FileNotFoundError as exc:
                 rejects.append(image_reject(image_id, uri, "image_missing", str(exc)))
-            except Exception as exc:  # PIL/OS/S3 raise many types for one unreadable file
-                detail = f"cannot be read: {type(exc).__name__}: {exc}"
+            except ImageDecodeError as exc:
+                detail = f"cannot be read: {exc}"
+                rejects.append(image_reject(image_id, uri, "image_unreadable", detail))
+            except Exception as exc:  # OS/S3 errors of one unreadable file
+                detail = f"cannot be read: {type(exc).__name__}: {image_error_text(exc, uri)}"
                 rejects.append(image_reject(image_id, uri, "image_unreadable", detail))
             if pixels is not None:
                 keypoints = np.asarray(json.loads(str(kpts_json)), dtype=np.float32)
                 keypoints = keypoints.reshape(-1, NUM_KEYPOINTS, 3)
-                keep = []
-                for index, person in enumerate(keypoints):
-                    why = describe_outside_keypoints(
-                        person,
-                        height=pixels.shape[0],
-                        width=pixels.shape[1],
-                        margin_fraction=self.margin_fraction,
+                rejected = outside_image_rejects(
+                    keypoints,
+                    height=pixels.shape[0],
+                    width=pixels.shape[1],
+                    margin_fraction=self.margin_fraction,
+                )
+                for index, why in rejected:
+                    rejects.append(
+                        image_reject(image_id, uri, "keypoints_outside_image", why, index)
                     )
-                    if why:
-                        rejects.append(
-                            image_reject(image_id, uri, "keypoints_outside_image", why, index)
-                        )
-                    else:
-                        keep.append(index)
+                dropped = {index for index, _ in rejected}
+                keep = [i for i in range(len(keypoints)) if i not in dropped]
                 if keep:
                     results = self.predictor.predict(pixels, keypoints[keep], image_id=image_id)
             out_ids.append(image_id)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pose2seg.config import Config
+from pose2seg.keypoint_checks import keypoint_number_problem
 from pose2seg.skeleton import NUM_KEYPOINTS
 
 
@@ -181,13 +182,16 @@ def results_keypoints(
             )
         kp = res["keypoints"]
         try:
-            arr = np.asarray(kp, np.float32)
+            arr = np.asarray(kp, np.float64)
         except (TypeError, ValueError):
             arr = np.zeros(0)
-        if arr.shape != (3 * NUM_KEYPOINTS,) or not np.isfinite(arr).all():
+        problem = keypoint_number_problem(arr) if arr.shape == (3 * NUM_KEYPOINTS,) else ""
+        if arr.shape != (3 * NUM_KEYPOINTS,) or problem:
             raise KeypointResultsError(
-                f"{source}: entry {i} (image_id {image_id}) has malformed keypoints: expected {3 * NUM_KEYPOINTS} finite numbers"
+                f"{source}: entry {i} (image_id {image_id}) has malformed keypoints: "
+                + (problem or f"expected {3 * NUM_KEYPOINTS} finite numbers")
             )
+        arr = arr.astype(np.float32)
         if float(res.get("score", 1.0)) >= min_score:
             out[image_id].append(arr.reshape(NUM_KEYPOINTS, 3))
     return {

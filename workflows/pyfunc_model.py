@@ -108,7 +108,7 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
     def _predict(self, model_input):
         import pandas as pd
 
-        from pose2seg.keypoint_checks import describe_outside_keypoints
+        from pose2seg.keypoint_checks import outside_image_rejects
 
         if not hasattr(model_input, "columns"):
             raise ValueError(
@@ -129,12 +129,10 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
             pixels = decode_image(record.image, image_id=image_id)
             keypoints = parse_keypoints(record.keypoints, image_id=image_id)
             margin = self.config.data.keypoint_margin_fraction
-            for index, person in enumerate(keypoints):
-                why = describe_outside_keypoints(
-                    person, height=pixels.shape[0], width=pixels.shape[1], margin_fraction=margin
-                )
-                if why:
-                    raise ValueError(f"image_id {image_id}, person {index}: {why}")
+            for index, why in outside_image_rejects(
+                keypoints, height=pixels.shape[0], width=pixels.shape[1], margin_fraction=margin
+            ):
+                raise ValueError(f"image_id {image_id}, person {index}: {why}")
             results = self.predictor.predict(pixels, keypoints, image_id=image_id)
             for res in results:
                 rows.append(

@@ -95,12 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    from workflows.mlflow_tracking import resolve_tracking_uri
+    from workflows.serve_app import check_model_ref
+
+    # A model that does not exist is one line and exit 2 now, not a failed deployment later.
+    check_model_ref(
+        args.model or f"models:/{config.registry.model_name}@{config.registry.alias}",
+        resolve_tracking_uri(config),
+    )
     model_ref = resolve_model_and_connect(args.model, config, args.address)
     info = run_serve(config, model_ref=model_ref)
     print(f"serving {info['model']} (asked for {info['requested']}) at {info['url']}")
     print(
         f"try: curl -s {info['url']} -H 'Content-Type: application/json' "
-        '-d \'{"image_uri": "/path/to/image.jpg"}\''
+        '-d "{\\"image\\": \\"$(base64 -w0 image.jpg)\\"}"'
     )
     if args.detach:
         print(

@@ -3,7 +3,11 @@
 ``POST {route_prefix}`` with a JSON object:
 
 - ``image``: the image file (PNG/JPEG) as base64 text, or ``image_uri``: a path or ``s3://``
-  URI the replica can read (exactly one of the two);
+  URI below one of the configured ``serve.image_roots`` (or a name relative to the first of
+  them); exactly one of the two. With no roots configured (the default) ``image_uri`` is
+  refused (403); a ``..`` component, a path outside the roots or a symbolic link out of them
+  is refused (403) by the same check as the dataset reader's
+  (:func:`preprocessing.storage.resolve_inside`);
 - ``keypoints`` (optional): the people's COCO keypoints, a list of people of 51 numbers (or
   17 x [x, y, v]) in the image's pixels; without it the keypoint detector
   (``detector.*`` keys, torchvision's Keypoint R-CNN) finds the people;
@@ -18,8 +22,15 @@ people without any usable keypoint (a pose-based model cannot place them), ``mod
 ``model_version`` (what the replica serves), ``batch_size`` (how many requests the replica ran
 through the model together with this one) and, if asked, ``overlay_png``.
 
+A person with a labelled keypoint far outside the image (:mod:`pose2seg.keypoint_checks`, the
+rule batch inference applies) gets no mask: the answer's ``rejected`` lists ``person_index``,
+``reason`` and ``detail`` for each.
+
 Bad input (not JSON, an unknown field, an undecodable image, an unreadable URI, keypoints of
-the wrong shape) is answered 400 with ``{"error": one line}``; the replica keeps serving.
+the wrong shape or out of range) is answered 400 with ``{"error": one line}``; an image of
+more than ``serve.max_image_pixels`` pixels (read from its header, before decoding) or more
+than ``serve.max_people`` people is answered 413; an ``image_uri`` outside
+``serve.image_roots`` 403. The replica keeps serving.
 ``GET {route_prefix}`` describes the model served.
 
 Requests are batched with ``@serve.batch`` (``serve.max_batch_size``,
@@ -34,14 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import json
 import logging
 import math
-import re
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,91 +58,17 @@ from ray import serve
 from pose2seg.config import Config
 from pose2seg.skeleton import NUM_KEYPOINTS
 
+# The request checks (workflows/serve_request.py), re-exported: tests and users import them here.
+from workflows.serve_request import (  # noqa: F401
+    REQUEST_FIELDS,
+    RequestError,
+    SegmentRequest,
+    parse_keypoints,
+    parse_request,
+    resolve_image_uri,
+)
+
 logger = logging.getLogger("ray.serve")
-
-REQUEST_FIELDS = ("image", "image_uri", "keypoints", "image_id", "overlay")
-
-
-class RequestError(ValueError):
-    """A request the API cannot answer: the message is the one-line reason sent back (4xx)."""
-
-
-@dataclass
-class SegmentRequest:
-    """One validated request."""
-
-    image_id: int
-    pixels: np.ndarray  # (H, W, 3) uint8
-    keypoints: np.ndarray | None  # (N, 17, 3) float32, or None: detect them
-    overlay: bool
-
-
-def _decode_image(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            pixels = np.array(img.convert("RGB"), dtype=np.uint8)  # writable: torch takes it
-    except Exception as exc:  # PIL raises many types for bad bytes (and for decompression bombs)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        reason = re.sub(r"\s*<[^>]*>", "", reason)  # PIL names the BytesIO object
-        raise RequestError(f"{where}: the bytes are not a decodable image ({reason})") from None
-    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
-        raise RequestError(f"{where}: the image is empty")
-    return pixels
-
-
-def parse_keypoints(value: Any) -> np.ndarray:
-    """JSON people list -> (N, 17, 3) float32; raises RequestError with the reason."""
-    from pose2seg.keypoint_checks import people_keypoints
-
-    try:
-        return people_keypoints(value)
-    except ValueError as exc:
-        raise RequestError(f"keypoints: {exc}") from None
-
-
-def parse_request(body: Any, *, read_uri=None) -> SegmentRequest:
-    """Validate a decoded JSON body; ``read_uri(uri) -> bytes`` reads ``image_uri``."""
-    if not isinstance(body, dict):
-        raise RequestError(
-            f"the body must be a JSON object with the fields {list(REQUEST_FIELDS)}, got {type(body).__name__}"
-        )
-    unknown = sorted(set(body) - set(REQUEST_FIELDS))
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; the fields are {list(REQUEST_FIELDS)}")
-    image_id = body.get("image_id", 0)
-    if isinstance(image_id, bool) or not isinstance(image_id, int):
-        raise RequestError(f"image_id: expected an integer, got {image_id!r}")
-    overlay = body.get("overlay", False)
-    if not isinstance(overlay, bool):
-        raise RequestError(f"overlay: expected true or false, got {overlay!r}")
-    has_image, has_uri = "image" in body, "image_uri" in body
-    if has_image == has_uri:
-        raise RequestError("give exactly one of 'image' (base64 image bytes) and 'image_uri'")
-    if has_image:
-        text = body["image"]
-        if not isinstance(text, str):
-            raise RequestError("image: expected base64 text of a PNG/JPEG file")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError("image: not valid base64") from None
-        pixels = _decode_image(data, "image")
-    else:
-        uri = body["image_uri"]
-        if not isinstance(uri, str) or not uri:
-            raise RequestError("image_uri: expected a path or s3:// URI")
-        if read_uri is None:
-            from preprocessing.storage import read_bytes as read_uri
-        try:
-            data = read_uri(uri)
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RequestError(f"image_uri {uri!r}: cannot be read ({reason})") from None
-        pixels = _decode_image(data, f"image_uri {uri!r}")
-    keypoints = parse_keypoints(body["keypoints"]) if "keypoints" in body else None
-    return SegmentRequest(image_id=image_id, pixels=pixels, keypoints=keypoints, overlay=overlay)
 
 
 def overlay_png(pixels: np.ndarray, people: list[dict[str, Any]], keypoints: np.ndarray) -> str:
@@ -169,6 +103,63 @@ def resolve_model(
         client = client_for(tracking_uri)
         version = registry_version(client, model_ref)
     return resolve_checkpoint_dir(model_ref, work_dir), version
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``serve.py --model`` names no model that exists (exit code 2, before deploying)."""
+
+
+def check_model_ref(model_ref: str, tracking_uri: str | None) -> None:
+    """Raise :class:`ModelNotFoundError` (one line) unless ``model_ref`` names an existing
+    model: a registered version or alias, a run, an ``s3://`` prefix or a local checkpoint or
+    MLflow model folder. Cheap (registry look-ups, no download): ``serve.py`` calls it before
+    it starts Ray and deploys, so a typo fails in seconds instead of in a replica."""
+    from workflows.batch_inference import resolve_checkpoint_dir
+
+    try:
+        if model_ref.startswith(("models:/", "runs:/")):
+            from workflows.mlflow_tracking import client_for, redact_uri
+
+            where = f" in the tracking store {redact_uri(tracking_uri or '')}"
+            client = client_for(tracking_uri) if tracking_uri else None
+            if client is None:
+                raise ModelNotFoundError("no tracking store to look it up in")
+            _look_up(client, model_ref)
+        elif model_ref.startswith("s3://"):
+            from preprocessing.storage import exists
+
+            where = ""
+            if not exists(model_ref):
+                raise ModelNotFoundError("no such s3:// prefix")
+        elif "://" in model_ref:
+            return  # another artifact URI: MLflow resolves it in the replica
+        else:
+            where = ""
+            resolve_checkpoint_dir(model_ref, "")  # a local folder: no download happens
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"model {model_ref!r} cannot be served: {exc}{where}") from None
+    except Exception as exc:  # MlflowException (RESOURCE_DOES_NOT_EXIST), FileNotFoundError
+        from workflows.cli import one_line
+
+        raise ModelNotFoundError(
+            f"model {model_ref!r} cannot be served: {one_line(exc, limit=300)}"
+        ) from None
+
+
+def _look_up(client, model_ref: str) -> None:
+    if model_ref.startswith("runs:/"):
+        client.get_run(model_ref[len("runs:/") :].split("/")[0])
+        return
+    rest = model_ref[len("models:/") :]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        client.get_model_version_by_alias(name, alias)
+        return
+    name, _, version = rest.partition("/")
+    if version.isdigit():
+        client.get_model_version(name, version)
+    else:
+        client.get_registered_model(name)
 
 
 def registry_version(client, model_ref: str) -> str | None:
@@ -223,6 +214,9 @@ class Pose2SegServer:
             "mask_threshold": m.mask_threshold,
             "max_batch_size": self.config.serve.max_batch_size,
             "request_fields": list(REQUEST_FIELDS),
+            "max_image_pixels": self.config.serve.max_image_pixels,
+            "max_people": self.config.serve.max_people,
+            "image_uri_enabled": bool(self.config.serve.image_roots),
             "detector_weights": self.config.detector.weights,
         }
 
@@ -238,10 +232,10 @@ class Pose2SegServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
         try:
-            item = parse_request(body)
+            item = parse_request(body, limits=self.config.serve)
             return JSONResponse(await self.segment(item))
         except RequestError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except Exception as exc:  # never a stack trace to the client; the log has it
             logger.exception("pose2seg request failed")
             line = str(exc).splitlines()[0] if str(exc) else ""
@@ -256,6 +250,8 @@ class Pose2SegServer:
         return await asyncio.to_thread(self.segment_batch, items)
 
     def segment_batch(self, items: list[SegmentRequest]) -> list[dict[str, Any]]:
+        from pose2seg.keypoint_checks import REASON_OUTSIDE_IMAGE, outside_image_rejects
+
         sources = ["request" if it.keypoints is not None else "detector" for it in items]
         missing = [i for i, it in enumerate(items) if it.keypoints is None]
         keypoints: list[np.ndarray] = [
@@ -266,16 +262,28 @@ class Pose2SegServer:
             found = self._detector().detect_batch([items[i].pixels for i in missing])
             for i, det in zip(missing, found, strict=True):
                 keypoints[i] = det.keypoints
+        # The batch path's rule: a person with a keypoint far outside the image gets no mask.
+        margin = self.config.data.keypoint_margin_fraction
+        rejected: list[list[tuple[int, str]]] = []
+        model_keypoints: list[np.ndarray] = []
+        for it, kpts in zip(items, keypoints, strict=True):
+            h, w = it.pixels.shape[:2]
+            out = outside_image_rejects(kpts, height=h, width=w, margin_fraction=margin)
+            rejected.append(out)
+            hidden = kpts.copy()
+            hidden[[i for i, _ in out], :, 2] = 0  # no labelled keypoint: no mask, no index
+            model_keypoints.append(hidden)
         # Batch positions as image ids: two requests may carry the same image_id.
         results = self.predictor.predict_batch(
-            [it.pixels for it in items], keypoints, image_ids=list(range(len(items)))
+            [it.pixels for it in items], model_keypoints, image_ids=list(range(len(items)))
         )
         by_position: dict[int, list[dict[str, Any]]] = {}
         for r in results:
             by_position.setdefault(int(r["image_id"]), []).append(r)
         answers = []
         for b, (item, kpts) in enumerate(zip(items, keypoints, strict=True)):
-            alignable = np.flatnonzero((kpts[..., 2] > 0).any(axis=1))
+            labelled = (model_keypoints[b][..., 2] > 0).any(axis=1)
+            alignable = np.flatnonzero(labelled)
             masks = by_position.get(b, [])
             if len(masks) != len(alignable):  # the Predictor's contract: one per alignable person
                 raise RuntimeError(f"{len(masks)} masks for {len(alignable)} alignable people")
@@ -295,6 +303,10 @@ class Pose2SegServer:
                 "keypoint_source": sources[b],
                 "people": people,
                 "unsegmented": [int(i) for i in np.flatnonzero(~(kpts[..., 2] > 0).any(axis=1))],
+                "rejected": [
+                    {"person_index": i, "reason": REASON_OUTSIDE_IMAGE, "detail": why}
+                    for i, why in rejected[b]
+                ],
                 "model": self.model_ref,
                 "model_version": self.model_version,
                 "batch_size": len(items),

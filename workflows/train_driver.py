@@ -47,9 +47,10 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
 
     summary = preprocess_dataset(config, force=force)
 
-    train = load_split(config, "train")
     # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
+    # First: reading every footer names a truncated shard (Ray Data's reader would not).
     train_files = list_parquet(processed_dir(config, "train"))
+    train = load_split(config, "train")
     # The val split is read by every worker every epoch: materialise it once in the object
     # store instead of re-running its read tasks (which also compete for CPUs) each time.
     # Read from a file list (no Ray Data Parquet listing: its footer-reader actors are each a
@@ -85,11 +86,16 @@ def build_trainer(
     run_name: str,
     mlflow: Any,  # mlflow_tracking.RunHandle of the job's run, or None
     callbacks: list | None = None,
+    resume_plan: dict[str, Any] | None = None,
 ):
-    """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints."""
+    """A ``TorchTrainer`` for the config: scaling, storage, failure handling, checkpoints.
+    ``resume_plan``: :class:`workflows.train_failures.ResumePlan` as a dict, when a resumed
+    run must restore from an older checkpoint than its newest (unreadable) one."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from workflows.train_failures import FailFastOnDataErrors
 
     loop_config = {
         # Plain picklable objects: the typed config and the (T,K,2) float32 templates.
@@ -103,6 +109,7 @@ def build_trainer(
         # the reference instead of resolving it into the config).
         "val_data": [ray.put(load_validation_data(config))],
         "mlflow": mlflow,
+        "resume_plan": resume_plan,
     }
     resources = {"CPU": config.train.cpus_per_worker}
     if config.train.use_gpu:
@@ -122,7 +129,8 @@ def build_trainer(
             checkpoint_score_attribute=VAL_METRIC,
             checkpoint_score_order="max",
         ),
-        callbacks=callbacks,
+        # A corrupt shard or checkpoint fails the same way on every retry: fail at once.
+        callbacks=[*(callbacks or []), FailFastOnDataErrors()],
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -219,6 +227,25 @@ def check_resumable(config: Config, name: str) -> None:
     )
 
 
+def plan_resume(config: Config, name: str) -> dict[str, Any] | None:
+    """Check the run's checkpoints newest first; when the newest is unreadable, say so in one
+    line and return the plan to restore from the newest readable one (else None)."""
+    from dataclasses import asdict
+
+    from preprocessing.storage import join
+    from workflows.train_failures import choose_resume_checkpoint
+
+    plan = choose_resume_checkpoint(join(_storage_uri(config.train.storage_path), name))
+    if not plan.use:
+        return None
+    print(
+        f"[pose2seg] {plan.reasons[0]}; resuming from {plan.use}, the newest readable "
+        f"checkpoint ({len(plan.skip)} newer one(s) skipped)",
+        flush=True,
+    )
+    return asdict(plan)
+
+
 def check_new_run_name(config: Config, name: str) -> None:
     """A new run must not reuse a stored run's name: Ray Train would silently continue it."""
     if name in existing_runs(config):
@@ -249,8 +276,10 @@ def run_training(
     from workflows import mlflow_tracking as tracking
 
     run_name = resume or config.train.run_name or new_run_name()
+    resume_plan = None
     if resume:
         check_resumable(config, resume)
+        resume_plan = plan_resume(config, resume)
     else:
         check_new_run_name(config, run_name)
     for run_id in tracking.end_orphaned_runs(config):
@@ -286,6 +315,7 @@ def run_training(
         data,
         run_name=run_name,
         mlflow=handle,
+        resume_plan=resume_plan,
     )
     try:
         result = trainer.fit()

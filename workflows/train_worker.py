@@ -256,7 +256,10 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         amp_dtype=amp_dtype,
         device_type=device.type,
     )
-    checkpoint = ray.train.get_checkpoint()
+    from workflows.train_failures import resume_checkpoint
+
+    # Ray Train's checkpoint, or the driver's older one when that is unreadable (--resume).
+    checkpoint = resume_checkpoint(loop_config.get("resume_plan"))
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state.restore(ckpt_dir)

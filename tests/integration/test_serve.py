@@ -65,6 +65,7 @@ def served(trained, tmp_path_factory):
     from ray import serve
 
     from pose2seg.keypoint_detector import build_keypoint_rcnn
+    from workflows.eval_io import split_paths
     from workflows.serve import run_serve
 
     config, _ = trained
@@ -86,6 +87,10 @@ def served(trained, tmp_path_factory):
             "detector.max_size": 128,
             "detector.person_score_threshold": 0.0,
             "detector.max_people": 3,
+            # image_uri may read the val images only; the tiny images are 96 x 96.
+            "serve.image_roots": [split_paths(config, "val")[1]],
+            "serve.max_image_pixels": 100 * 100,
+            "serve.max_people": 5,
         }
     )
     model_ref = f"models:/{config.registry.model_name}@{config.registry.alias}"
@@ -164,10 +169,23 @@ def test_two_concurrent_requests_are_served_in_one_batch(served, sample):
         ({"image": "IMG", "mask_colour": "red"}, None, "unknown field"),
         ({"image": base64.b64encode(b"GIF?no").decode()}, None, "not a decodable image"),
         ({"image": "@@@"}, None, "not valid base64"),
-        ({"image_uri": "/nonexistent/pose2seg/x.png"}, None, "cannot be read"),
+        ({"image_uri": "/nonexistent/pose2seg/x.png"}, None, "outside serve.image_roots"),
         ({"image": "IMG", "keypoints": [[1, 2, 3, 4]]}, None, "N x 51 or N x 17 x 3"),
+        ({"image": "BIG"}, None, "serve.max_image_pixels"),
+        ({"image": "IMG", "keypoints": [[0] * 51] * 6}, None, "serve.max_people=5"),
+        ({"image": "IMG", "keypoints": [[1e308, 1, 2] * 17]}, None, "out of range"),
     ],
-    ids=["not-json", "unknown-field", "undecodable", "bad-base64", "unreadable-uri", "kpt-shape"],
+    ids=[
+        "not-json",
+        "unknown-field",
+        "undecodable",
+        "bad-base64",
+        "uri-outside-roots",
+        "kpt-shape",
+        "too-many-pixels",
+        "too-many-people",
+        "kpt-out-of-range",
+    ],
 )
 def test_bad_input_is_a_4xx_with_one_line_and_the_replica_keeps_serving(
     served, sample, body, raw, match
@@ -175,12 +193,49 @@ def test_bad_input_is_a_4xx_with_one_line_and_the_replica_keeps_serving(
     _, info = served
     if body is not None and body.get("image") == "IMG":
         body = {**body, "image": sample["b64"]}
+    if body is not None and body.get("image") == "BIG":  # 101 x 100 px > serve.max_image_pixels
+        body = {**body, "image": _png_b64(100, 101)}
     status, out = post(info["url"], body, raw=raw)
     assert 400 <= status < 500, out
     assert set(out) == {"error"} and match in out["error"]
     assert "\n" not in out["error"] and "Traceback" not in out["error"]
     status, ok = post(info["url"], {"image": sample["b64"], "keypoints": []})
     assert status == 200 and ok["people"] == []
+
+
+def _png_b64(height: int, width: int) -> str:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_keypoint_far_outside_is_rejected_as_batch_inference_rejects_it(served, sample):
+    from workflows.batch_inference import InferenceItem, run_batch_inference
+
+    config, info = served
+    keypoints = sample["keypoints"].copy()
+    keypoints[0, 0] = (100_000 + keypoints[0, 0, 0], keypoints[0, 0, 1], 2)
+    status, out = post(info["url"], {"image": sample["b64"], "keypoints": keypoints.tolist()})
+    assert status == 200, out
+    assert [r["person_index"] for r in out["rejected"]] == [0]
+    assert out["rejected"][0]["reason"] == "keypoints_outside_image"
+    assert [p["person_index"] for p in out["people"]] == list(range(1, len(keypoints)))
+    # The batch path (evaluate.py / predict.py) rejects the same person and segments the rest
+    # the same way.
+    expected, stats = run_batch_inference(
+        [InferenceItem(sample["image_id"], sample["path"], keypoints)],
+        model_ref=info["model"],
+        config=config,
+    )
+    assert [(r["person_index"], r["reason"]) for r in stats["rejects"]] == [
+        (0, "keypoints_outside_image")
+    ]
+    assert [p["segmentation"] for p in out["people"]] == [r["segmentation"] for r in expected]
 
 
 def test_an_image_alone_goes_through_the_keypoint_detector(served, sample):

@@ -221,6 +221,8 @@ def test_unreadable_image(tmp_path):
     ds = _write(tmp_path, [_image(1)], [_person(11, 1)], pixels={"1.png": b"this is not a png"})
     record, (rej,) = ds.read(1)
     assert record is None and rej.reason == "image_unreadable" and rej.detail.endswith("people=1")
+    # The detail names the file, not Pillow's in-memory stream (issue 27).
+    assert "1.png" in rej.detail and "BytesIO" not in rej.detail and "0x" not in rej.detail
 
 
 def test_size_mismatch(tmp_path):
@@ -238,6 +240,7 @@ def test_size_mismatch(tmp_path):
         ([*_keypoints(8, 10)[:-1], 3], "visibility"),
         ([*_keypoints(8, 10)[:-1], "2"], "non-number"),
         ([float("nan"), *_keypoints(8, 10)[1:]], "NaN"),
+        ([1e308, *_keypoints(8, 10)[1:]], "1e+308 is out of range"),
         ("17 points", "got str"),
     ],
 )

@@ -20,6 +20,8 @@ from pose2seg.keypoint_checks import (
     REASON_OUTSIDE_IMAGE,
     describe_outside_keypoints,
     keypoints_outside_image,
+    outside_image_rejects,
+    people_keypoints,
 )
 from preprocessing import storage
 from preprocessing.coco import IMAGE_LEVEL_REASONS, REJECT_REASONS, CocoPersonDataset
@@ -165,6 +167,26 @@ def test_keypoints_outside_image_flags_only_labelled_keypoints_beyond_the_margin
     assert describe_outside_keypoints(kps[0], height=80, width=100, margin_fraction=0.25) == ""
     with pytest.raises(ValueError, match="margin_fraction"):
         keypoints_outside_image(kps, height=80, width=100, margin_fraction=-1)
+
+
+def test_outside_image_rejects_is_the_one_rule_with_its_reasons():
+    kps = np.full((3, 17, 3), 10.0)
+    kps[..., 2] = 2
+    kps[1, 5] = (100_010, 10, 2)  # 100,000 px outside a 100 x 80 image
+    kps[2, 5] = (100_010, 10, 0)  # unlabelled: ignored
+    (rejected,) = outside_image_rejects(kps, height=80, width=100, margin_fraction=0.25)
+    assert rejected[0] == 1 and "keypoint 5 at (100010, 10)" in rejected[1]
+    assert outside_image_rejects(kps[:1], height=80, width=100, margin_fraction=0.25) == []
+
+
+def test_a_huge_keypoint_is_out_of_range_not_infinite():
+    person = [10.0, 10.0, 2.0] * 17
+    person[3] = 1e308  # finite in JSON and float64; float32 would make it inf
+    with pytest.raises(ValueError, match=r"person 0, keypoint 1: 1e\+308 is out of range"):
+        people_keypoints([person])
+    with pytest.raises(ValueError, match="must be finite"):
+        people_keypoints([[float("inf")] * 51])
+    assert people_keypoints([[10.0, 10.0, 2.0] * 17]).dtype == np.float32
 
 
 def test_reader_rejects_a_person_with_keypoints_far_outside_and_keeps_the_rest(tmp_path):
@@ -488,6 +510,8 @@ def test_predictor_actor_counts_unreadable_images_and_out_of_frame_people(tmp_pa
         (3, None, "image_missing"),
     ]
     assert str(broken) in rejects[1]["uri"] and "cannot be read" in rejects[1]["detail"]
+    # The detail names the file, not Pillow's in-memory stream (issue 27).
+    assert str(broken) in rejects[1]["detail"] and "BytesIO" not in rejects[1]["detail"]
 
 
 def test_write_rejects_fails_above_the_configured_fraction(tmp_path):
@@ -527,3 +551,16 @@ def test_pyfunc_bad_input_is_an_invalid_parameter_mlflow_exception():
         assert info.value.get_http_status_code() == 400 and fragment in info.value.message
     ok = pd.DataFrame({"image": [_png()], "keypoints": ["[]"], "image_id": [8]})
     assert len(model.predict(None, ok)) == 0
+
+
+def test_a_keypoint_results_file_with_1e308_says_out_of_range():
+    from workflows.eval_io import KeypointResultsError, results_keypoints
+
+    gt = {"images": [{"id": 1}]}
+    good = [10.0, 10.0, 2.0] * 17
+    assert results_keypoints([{"image_id": 1, "keypoints": good}], gt, source="kp.json")[1].shape
+    bad = [1e308, *good[1:]]
+    with pytest.raises(KeypointResultsError, match=r"entry 0 .*1e\+308 is out of range"):
+        results_keypoints([{"image_id": 1, "keypoints": bad}], gt, source="kp.json")
+    with pytest.raises(KeypointResultsError, match="finite"):
+        results_keypoints([{"image_id": 1, "keypoints": [float("nan"), *good[1:]]}], gt, source="x")

@@ -10,12 +10,13 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
-from pose2seg.config import Config, ConfigError  # noqa: E402
+from pose2seg.config import Config, ConfigError, ServeConfig  # noqa: E402
 from workflows.serve_app import (  # noqa: E402
     RequestError,
     app_builder,
     deployment_options,
     parse_request,
+    resolve_image_uri,
 )
 
 
@@ -52,14 +53,91 @@ def test_a_valid_request_with_keypoints():
 
 def test_image_uri_is_read_with_the_given_reader():
     raw = base64.b64decode(_png_b64(5, 6))
-    req = parse_request({"image_uri": "s3://b/x.png"}, read_uri=lambda uri: raw)
-    assert req.pixels.shape == (5, 6, 3)
+    roots = ServeConfig(image_roots=["s3://b"])
+    read: list[str] = []
+    req = parse_request(
+        {"image_uri": "s3://b/x.png"}, limits=roots, read_uri=lambda uri: read.append(uri) or raw
+    )
+    assert req.pixels.shape == (5, 6, 3) and read == ["s3://b/x.png"]
 
     def missing(uri):
         raise FileNotFoundError(f"no such file: {uri}")
 
     with pytest.raises(RequestError, match=r"image_uri 's3://b/y.png': cannot be read"):
-        parse_request({"image_uri": "s3://b/y.png"}, read_uri=missing)
+        parse_request({"image_uri": "s3://b/y.png"}, limits=roots, read_uri=missing)
+
+
+def _never_read(uri):
+    raise AssertionError(f"{uri} must not be read")
+
+
+def test_image_uri_is_disabled_without_image_roots():
+    with pytest.raises(RequestError, match=r"image_uri is disabled.*serve\.image_roots") as info:
+        parse_request({"image_uri": "/etc/hostname"}, read_uri=_never_read)
+    assert info.value.status == 403
+
+
+def test_image_uri_stays_inside_the_image_roots(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(base64.b64decode(_png_b64(4, 5)))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(base64.b64decode(_png_b64(6, 7)))
+    (root / "link.png").symlink_to(secret)
+    limits = ServeConfig(image_roots=[str(root)])
+    # Inside: an absolute path below the root, or a name relative to it.
+    for uri in (str(root / "sub" / "a.png"), "sub/a.png"):
+        assert parse_request({"image_uri": uri}, limits=limits).pixels.shape == (4, 5, 3)
+    refused = {
+        str(secret): "outside serve.image_roots",
+        f"{root}/../secret.png": "'..' component",
+        "../secret.png": "'..' component",
+        str(root / "link.png"): "symbolic link",
+        "s3://other/x.png": "outside serve.image_roots",
+    }
+    for uri, match in refused.items():
+        with pytest.raises(RequestError, match=match) as info:
+            parse_request({"image_uri": uri}, limits=limits, read_uri=_never_read)
+        assert info.value.status == 403 and "\n" not in str(info.value)
+    # The same rule for s3:// roots: below the prefix only.
+    assert resolve_image_uri("s3://b/data/x.png", ["s3://b/data/"]) == "s3://b/data/x.png"
+    with pytest.raises(RequestError, match="'..' component"):
+        resolve_image_uri("s3://b/data/../x.png", ["s3://b/data"])
+
+
+def _png_header_bytes(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (the pixel data is a stub: a size
+    check that decodes would fail on it, one that reads the header does not)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_an_image_above_max_image_pixels_is_413_before_decoding():
+    big = base64.b64encode(_png_header_bytes(13000, 13000)).decode()
+    with pytest.raises(RequestError, match=r"13000x13000.*serve\.max_image_pixels") as info:
+        parse_request({"image": big})
+    assert info.value.status == 413 and "\n" not in str(info.value)
+    small = ServeConfig(max_image_pixels=20 * 30 - 1)
+    with pytest.raises(RequestError, match="600 pixels") as info:
+        parse_request({"image": _png_b64(20, 30)}, limits=small)
+    assert info.value.status == 413
+    assert parse_request({"image": _png_b64(20, 30)}, limits=ServeConfig(max_image_pixels=600))
+
+
+def test_more_people_than_max_people_is_413():
+    people = np.zeros((3, 51)).tolist()
+    with pytest.raises(RequestError, match=r"3 people, more than serve\.max_people=2") as info:
+        parse_request({"image": _png_b64(), "keypoints": people}, limits=ServeConfig(max_people=2))
+    assert info.value.status == 413
+    ok = parse_request({"image": _png_b64(), "keypoints": people}, limits=ServeConfig(max_people=3))
+    assert ok.keypoints.shape == (3, 17, 3)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +156,8 @@ def test_image_uri_is_read_with_the_given_reader():
         ({"image": "PNG", "keypoints": {"a": 1}}, "list of people"),
         ({"image": "PNG", "keypoints": [[1] * 50 + ["x"]]}, "51 numbers"),
         ({"image": "PNG", "keypoints": [[float("nan")] * 51]}, "finite"),
+        ({"image": "PNG", "keypoints": [[1e308, 5, 2] * 17]}, "1e.308 is out of range"),
+        ({"image": base64.b64encode(b"hello").decode()}, r"cannot identify image file image\)"),
         ({"image": "PNG", "keypoints": [[1, 1, -1] * 17]}, "visibility"),
     ],
 )
@@ -137,3 +217,28 @@ def test_commands_accept_the_serving_and_detector_options():
     # Only an alias is resolved (through the registry); versions, runs and folders pass as given.
     for ref in ("models:/p/3", "runs:/abc/model", "/ckpt/folder"):
         assert pin_model_version(ref, "sqlite:///unused.db") == ref
+
+
+@pytest.mark.parametrize("kind", ["folder", "version", "alias"])
+def test_serve_with_a_model_that_does_not_exist_is_one_line_before_ray_starts(
+    kind, tmp_path, capsys, monkeypatch
+):
+    from workflows import cli, serve
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for a model that does not exist")
+
+    monkeypatch.setattr(cli, "init_ray", no_ray)
+    monkeypatch.delenv("POSE2SEG_DEBUG", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = {
+        "folder": str(tmp_path / "no-such-checkpoint"),
+        "version": "models:/pose2seg/42",
+        "alias": "models:/pose2seg@champion",
+    }[kind]
+    code = serve.main(["--model", model, "--set", f"registry.tracking_uri={store}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    # (A fresh SQLite store logs its table creation first: MLflow's lines, not ours.)
+    assert f"model {model!r} cannot be served" in err[-1], err
+    assert not any("Traceback" in line or "Deploying" in line for line in err), err

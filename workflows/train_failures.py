@@ -1,0 +1,144 @@
+"""Training failures that a retry cannot fix, and the checkpoint a resume may fall back to.
+
+Ray Train restarts the worker group after any worker error, up to ``train.max_failures``
+times. That is right for a lost node or a killed process, and wrong for a data error: a
+corrupt Parquet shard or an unreadable checkpoint fails the same way on every attempt (three
+restarts, a minute of work, and then an error that names no file). :class:`FailFastOnDataErrors`
+runs in Ray Train's controller and ends the run at the first such error, which then reaches
+the command as its own one-line message (exit code 2).
+
+``--resume`` of a run whose newest checkpoint is unreadable (a truncated ``training.pt``, a
+copy cut short): :func:`choose_resume_checkpoint`, in the driver, checks the run's checkpoints
+newest first and names the newest readable one; the workers then restore from it instead of the
+one Ray Train would hand them (:func:`resume_checkpoint`), and the driver says so in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+
+# Errors of the data, not of the run: retrying reads the same bytes again. By qualified class
+# name, so that the callback below does not import torch into Ray Train's controller.
+NON_RETRIED = (
+    "preprocessing.epoch_reader.UnreadableParquetError",
+    "pose2seg.checkpoint.CheckpointError",
+)
+
+
+def _is_non_retried(exc: BaseException) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in NON_RETRIED for c in type(exc).__mro__)
+
+
+def data_error(exc: BaseException) -> BaseException | None:
+    """The :data:`NON_RETRIED` error inside a Train worker's failure, or None.
+
+    Ray Train hands the controller the worker's exception wrapped with its traceback
+    (``UserExceptionWithTraceback``, the original in ``_base_exc``); ``__cause__`` chains are
+    followed too."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if _is_non_retried(cur):
+            return cur
+        todo += [getattr(cur, "_base_exc", None), getattr(cur, "cause", None), cur.__cause__]
+    return None
+
+
+class FailFastOnDataErrors(ray.train.UserCallback):
+    """Ends the run, without a retry, when a worker failed on a :data:`NON_RETRIED` error.
+
+    Raising ``ControllerError`` from the controller's poll is what makes Ray Train's failure
+    policy raise instead of restarting the worker group (it retries every worker-group error,
+    and of controller errors only start-up failures); ``fit()`` then raises it with the data
+    error as its ``controller_failure``, which ``workflows.cli`` shows as one line."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            found = data_error(worker_exceptions[rank])
+            if found is not None:
+                raise ray.train.ControllerError(found)
+
+
+@dataclass
+class ResumePlan:
+    """Where a resumed run restores from when its newest checkpoint is unreadable."""
+
+    use: str | None = None  # the newest readable checkpoint (local folder or s3:// URI)
+    skip: list[str] = field(default_factory=list)  # folder names of unreadable newer ones
+    reasons: list[str] = field(default_factory=list)
+
+
+def _checkpoint_names(run_uri: str) -> list[str]:
+    from preprocessing.storage import list_dirs
+
+    # Ray Train names them checkpoint_<timestamp>: name order is age order.
+    return sorted((n for n in list_dirs(run_uri) if n.startswith("checkpoint_")), reverse=True)
+
+
+def check_checkpoint(uri: str) -> None:
+    """Read a stored checkpoint (with its training state) as a resume would; raises
+    :class:`CheckpointError` naming the unreadable file."""
+    from pose2seg.checkpoint import CheckpointError, load_checkpoint
+    from preprocessing.storage import download_dir, is_remote
+
+    if not is_remote(uri):
+        load_checkpoint(uri, with_training_state=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="pose2seg-ckpt-check-") as local:
+        download_dir(uri, local)
+        try:
+            load_checkpoint(local, with_training_state=True)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(local, uri)) from None
+
+
+def choose_resume_checkpoint(run_uri: str) -> ResumePlan:
+    """The checkpoint ``--resume`` restores from: ``ResumePlan()`` when the newest one reads
+    (Ray Train's own choice stands, nothing is replaced), else the newest readable one and the
+    unreadable ones skipped. Raises CheckpointError when the run has checkpoints and none
+    reads."""
+    from pose2seg.checkpoint import CheckpointError
+    from preprocessing.storage import join
+
+    plan = ResumePlan()
+    for name in _checkpoint_names(run_uri):
+        uri = join(run_uri, name)
+        try:
+            check_checkpoint(uri)
+        except CheckpointError as exc:
+            plan.skip.append(name)
+            plan.reasons.append(str(exc))
+            continue
+        if plan.skip:
+            plan.use = uri
+        return plan
+    if plan.skip:
+        raise CheckpointError(
+            f"no readable checkpoint to resume {run_uri} from; the newest: {plan.reasons[0]}"
+        )
+    return plan
+
+
+def resume_checkpoint(plan: dict[str, Any] | None):
+    """In a Train worker: Ray Train's checkpoint to restore from, or the driver's fallback
+    (``plan``: :class:`ResumePlan` as a dict) when Ray Train hands out one found unreadable."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None or not plan or not plan.get("use"):
+        return checkpoint
+    if os.path.basename(checkpoint.path.rstrip("/")) not in plan["skip"]:
+        return checkpoint  # a newer checkpoint of this job (a worker restart after it)
+    from preprocessing.storage import is_remote, pyarrow_filesystem
+
+    if is_remote(plan["use"]):
+        fs, path = pyarrow_filesystem(plan["use"])
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+    return ray.train.Checkpoint.from_directory(plan["use"])
