@@ -242,6 +242,15 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
         MlflowClient(tracking_uri=handle.tracking_uri).log_batch(handle.run_id, metrics=batch)
 
 
+def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
+    """Set (or overwrite) tags of the run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(handle.run_id, key, value)
+
+
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
