@@ -117,7 +117,10 @@ def check_resources(
         f"{f' + a {driver_cpus:g}-CPU trial driver' if driver_cpus > 0 else ''}"
         f", placement {strategy}, + {data_cpus:g} CPU for the Ray Data reads"
     )
-    has = f"the cluster has {describe_cluster(nodes)}"
+    has = (
+        f"the cluster has {describe_cluster(nodes)} (an autoscaling cluster whose nodes join "
+        "later: train.check_resources=false)"
+    )
     if not any(_fits(n.resources, want) for n in nodes):
         raise UnsatisfiableRequestError(
             f"{asked}: no node can hold one worker (train.cpus_per_worker / train.use_gpu / "
