@@ -51,7 +51,7 @@ def test_a_worker_bigger_than_every_node_names_the_request_and_the_nodes():
         check_resources(_config(**{"train.cpus_per_worker": 4}), THREE)
     line = str(err.value)
     assert "\n" not in line
-    assert "2 workers x (CPU 4)" in line and "no node can hold one worker" in line
+    assert "2 workers x (CPU 4), placement PACK:" in line and "no node can hold one worker" in line
     assert "node 00ababab (head): CPU 1" in line and "node 01ababab: CPU 1, trainer 1" in line
     assert "memory" not in line and "node:10" not in line
 
@@ -65,6 +65,7 @@ def test_a_gpu_worker_on_a_cpu_cluster_fails():
 def test_more_workers_than_fit_fails_and_counts_what_fits():
     with pytest.raises(UnsatisfiableRequestError, match="only 6 such workers fit"):
         check_resources(_config(**{"train.num_workers": 7}), THREE)
+    check_resources(_config(**{"train.num_workers": 6}), THREE)  # every CPU taken: fine
     with pytest.raises(
         UnsatisfiableRequestError, match=r"only 3 such workers fit \(one per node\)"
     ):
@@ -79,13 +80,19 @@ def test_more_workers_than_fit_fails_and_counts_what_fits():
         check_resources(_config(**{"train.num_workers": [7, 8]}), THREE)
 
 
-def test_workers_that_leave_no_cpu_for_ray_data_fail_single_node_too():
-    # The README's old limit: 2 workers x 1 CPU on a 2-CPU machine waited forever.
+def test_workers_that_leave_no_cpu_for_ray_data_reads_fail_single_node_too():
+    # The ray_data reader runs read tasks while the workers train: 2 workers x 1 CPU on a
+    # 2-CPU machine would wait for their data forever.
+    reads = {"train.input_reader": "ray_data"}
     with pytest.raises(UnsatisfiableRequestError, match="no node with 0.25 CPU for the Ray Data"):
-        check_resources(_config(**{"train.cpus_per_worker": 1.0}), [_node(0, 2)])
+        check_resources(_config(**reads, **{"train.cpus_per_worker": 1.0}), [_node(0, 2)])
     # A Tune trial driver counts too.
     with pytest.raises(UnsatisfiableRequestError, match="0.5-CPU trial driver"):
-        check_resources(_config(**{"train.cpus_per_worker": 0.75}), [_node(0, 2)], driver_cpus=0.5)
+        check_resources(
+            _config(**reads, **{"train.cpus_per_worker": 0.75}), [_node(0, 2)], driver_cpus=0.5
+        )
+    # The thread reader (the default) reads inside the workers: measured to finish.
+    check_resources(_config(**{"train.cpus_per_worker": 1.0}), [_node(0, 2)])
 
 
 def test_local_storage_on_a_multi_node_cluster_is_refused_naming_the_keys():
