@@ -359,4 +359,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
         metrics = end_epoch(state, worker, stats)
-    return {"metrics": metrics, "history": state.history}
+    return {"metrics": metrics, "history": state.history, "placement": state.placement}
