@@ -343,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_1_5_15min_at_end"] = common.load_average()
     print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=2))
     print(
-        f"time lost to the node loss: {result['time_lost_s']} s "
-        f"(a normal epoch interval {result['checkpoint_interval_before_s']} s)"
+        f"time lost to the node loss: {result['time_lost_s']} s = work since the last checkpoint "
+        f"{result['work_lost_s']} s + restart {result['restart_s']} s (the next epoch, on one "
+        f"worker, took {result['epoch_after_loss_s']} s; a checkpoint interval before the loss "
+        f"{result['checkpoint_interval_before_s']} s; killed mid-epoch: "
+        f"{result['killed_mid_epoch']})"
     )
     common.write_json(args.out, result, machine=machine)
     return 0
