@@ -313,8 +313,34 @@ class ModelConfig:
 class TrainConfig:
     """Ray Train scaling, optimisation and checkpointing."""
 
-    num_workers: int = 2
-    """Ray Train workers (DDP ranks)."""
+    num_workers: int | list[int] = 2
+    """Ray Train workers (DDP ranks): a number, or an elastic range ``[min, max]`` (Ray Train's
+    elastic mode: the run starts with what the cluster can place, at least ``min``, shrinks when
+    a node is lost and grows back to ``max`` when one joins; see ``train.elastic_batch``)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker asks for besides its CPUs/GPU, e.g. ``{"trainer": 1}``
+    to keep the workers on the nodes started with ``--resources '{"trainer": N}'``."""
+    placement_strategy: str = "PACK"
+    """How the workers' placement group is laid on the nodes: ``PACK`` (as few nodes as
+    possible), ``SPREAD`` (across nodes where possible) or ``STRICT_SPREAD`` (every worker on a
+    different node, or the run cannot start)."""
+    elastic_batch: str = "keep_per_worker"
+    """What a changed world size (an elastic range) does to the batch: ``keep_per_worker`` (each
+    worker keeps ``train.batch_size``; the global batch and the lr scale with the world size:
+    lr x world / max workers, the linear scaling rule) or ``keep_global`` (the global batch
+    ``train.batch_size`` x max workers is kept: each worker takes ``ceil(global / world)``
+    images per step; the lr is unchanged). A fixed ``train.num_workers`` never changes either."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic range: how often Ray Train looks for room to grow the worker group (a resize
+    restarts the workers from the last checkpoint)."""
+    check_resources: bool = True
+    """Refuse, before fitting, a request the cluster's nodes can never hold (a worker bigger than
+    every node, more workers than fit, no CPU left for the Ray Data reads) and a local storage
+    path on a multi-node cluster. Turn off on an autoscaling cluster whose nodes join later."""
+    shared_filesystem: bool = False
+    """Local paths (``data.root``, ``data.processed``, ``train.storage_path``, a SQLite MLflow
+    store) are on a file system every node mounts at the same path (NFS, Lustre): allow them on
+    a multi-node cluster. False: such a run is refused at start (use s3:// and an MLflow server)."""
     use_gpu: bool = False
     """One GPU per worker when true."""
     cpus_per_worker: float = 0.5
@@ -405,7 +431,30 @@ class TrainConfig:
     Its network must match the config's model keys. Ignored when resuming a run."""
 
     def validate(self) -> None:
-        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        if isinstance(self.num_workers, list):
+            _check(
+                len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
+                "train.num_workers",
+                f"a range must be [min, max] with 1 <= min <= max, got {self.num_workers}",
+            )
+        else:
+            _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(
+            isinstance(self.worker_resources, dict)
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                for v in self.worker_resources.values()
+            )
+            and not {"CPU", "GPU"} & set(self.worker_resources),
+            "train.worker_resources",
+            "must map custom resource names (not CPU/GPU: train.cpus_per_worker, train.use_gpu) "
+            f"to amounts > 0, got {self.worker_resources!r}",
+        )
+        _one_of(
+            self.placement_strategy, "train.placement_strategy", ("PACK", "SPREAD", "STRICT_SPREAD")
+        )
+        _one_of(self.elastic_batch, "train.elastic_batch", ("keep_per_worker", "keep_global"))
+        _check(self.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s", "must be > 0")
         _one_of(self.mixed_precision, "train.mixed_precision", PRECISIONS)
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
@@ -445,6 +494,21 @@ class TrainConfig:
         _check(self.progress_every_seconds >= 0, "train.progress_every_seconds", "must be >= 0")
         _check(self.mlflow_loss_every_steps >= 0, "train.mlflow_loss_every_steps", "must be >= 0")
 
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run goes on with (``num_workers`` when it is a number)."""
+        return int(self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        """The workers the run asks for (``num_workers`` when it is a number)."""
+        return int(self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers)
+
+    @property
+    def elastic(self) -> bool:
+        """True when ``num_workers`` is a range whose min and max differ."""
+        return self.min_workers != self.max_workers
+
 
 @dataclass
 class TuneConfig:
@@ -467,6 +531,10 @@ class TuneConfig:
     """Trials running at once."""
     cpus_per_trial_driver: float = 0.5
     """CPU held by each trial's driver (the workers ask for train.cpus_per_worker on top)."""
+    max_failures: int = 0
+    """Times Tune restarts a failed trial (Tune's FailureConfig): a trial whose node is lost
+    then continues from its last checkpoint (its Ray Train run and MLflow child run are
+    reused). 0 = a failed trial stays failed (a diverging trial fails the same way again)."""
     grace_period: int = 2
     """ASHA: epochs every trial runs before it can be stopped."""
     reduction_factor: int = 2
@@ -504,6 +572,7 @@ class TuneConfig:
         _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
         _check(self.cpus_per_trial_driver > 0, "tune.cpus_per_trial_driver", "must be > 0")
         _check(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
+        _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
 
 
@@ -813,6 +882,14 @@ def _coerce(key: str, value: Any) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value
+        if typ == (int | list[int]):  # train.num_workers: a number or a [min, max] range
+            if isinstance(value, list | tuple):
+                if any(isinstance(v, bool) or int(v) != v for v in value):
+                    raise TypeError
+                return [int(v) for v in value]
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
         if origin is list:
             if not isinstance(value, list):
                 raise TypeError

@@ -3,15 +3,15 @@
 The driver lists the training Parquet once per run (:func:`train_manifest`: each file and its
 row count, read from the footers). For every epoch, every Train worker computes the same seeded
 permutation of the files, lays their rows end to end and takes its own contiguous share of
-``total // world`` rows (:func:`epoch_slices`). It streams the shares of all its remaining
+``total // world`` rows, the first ``total % world`` ranks one more (:func:`epoch_slices`). It streams the shares of all its remaining
 epochs as one Ray Data pipeline for the run (:class:`RankStream` over :func:`epoch_dataset`: one
 read task per file slice, a fixed number of them in flight, output in a fixed order), cuts it
 back into epochs by row count and mixes each epoch in a seeded shuffle buffer
 (:func:`shuffled_batches`). So:
 
-- every rank gets the same number of rows (DDP steps stay in lock step), every row is used at
-  most once per epoch and at most ``world - 1`` rows are left out per epoch (a different few
-  each epoch);
+- every row is read exactly once per epoch, whatever the world size (an elastic run may change
+  it between epochs); ranks differ by at most one row, and every rank takes the same number of
+  steps (:func:`equal_batches`), so DDP stays in lock step;
 - the file (block) order is different every epoch and the same for the same seed; with the
   worker's seeded local shuffle buffer the whole batch sequence is reproducible;
 - nothing is materialised: a rank holds a bounded number of file slices in flight, whatever the
@@ -104,9 +104,43 @@ def list_parquet(uri: str, *, threads: int = 16) -> list[FileEntry]:
     return [(f, n) for f, n in zip(files, rows, strict=True) if n > 0]
 
 
-def rows_per_rank(manifest: list[FileEntry], world: int) -> int:
-    """Rows each of ``world`` ranks trains on per epoch (the same for every rank)."""
-    return sum(n for _, n in manifest) // max(1, world)
+def rows_per_rank(manifest: list[FileEntry], world: int, rank: int = 0) -> int:
+    """Rows ``rank`` of ``world`` ranks trains on per epoch: ``total // world``, one more for
+    the first ``total % world`` ranks, so that every row is read once per epoch."""
+    total = sum(n for _, n in manifest)
+    world = max(1, world)
+    return total // world + (1 if rank < total % world else 0)
+
+
+def batches_per_epoch(total_rows: int, *, world: int, batch_size: int) -> int:
+    """Steps every rank takes per epoch: the batches of the largest rank's share."""
+    largest = -(-int(total_rows) // max(1, world))
+    return max(1, -(-largest // max(1, batch_size)))
+
+
+def equal_batches(batches, *, count: int):
+    """``batches`` (dicts of per-column arrays) as exactly ``count`` batches when they are one
+    short (a rank with one row fewer than the largest share): the last batch is split in two.
+    A last batch of one row cannot be split: it is given twice (only with batch size 1)."""
+    produced, last = 0, None
+    for batch in batches:
+        if last is not None:
+            yield last
+            produced += 1
+        last = batch
+    if last is None:
+        return
+    if produced + 1 >= count:
+        yield last
+        return
+    n = len(next(iter(last.values())))
+    cut = (n + 1) // 2
+    if n < 2:
+        yield last
+        yield last
+        return
+    yield {k: v[:cut] for k, v in last.items()}
+    yield {k: v[cut:] for k, v in last.items()}
 
 
 def epoch_file_order(manifest: list[FileEntry], *, epoch: int, seed: int) -> list[FileEntry]:
@@ -122,8 +156,9 @@ def epoch_slices(
     epoch's file order laid end to end, ``n = rows_per_rank``."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world}")
-    per_rank = rows_per_rank(manifest, world)
-    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    total = sum(n for _, n in manifest)
+    lo = rank * (total // world) + min(rank, total % world)
+    hi = lo + rows_per_rank(manifest, world, rank)
     out: list[FileSlice] = []
     offset = 0
     for uri, n in epoch_file_order(manifest, epoch=epoch, seed=seed):
@@ -300,7 +335,8 @@ READERS = ("thread", "ray_data")
 class RankStream:
     """One Train worker's training rows for the rest of the run: the slices of every remaining
     epoch laid end to end (each epoch its own seeded file order), read as ONE stream and cut
-    back into epochs of exactly :func:`rows_per_rank` rows. ``reader``: ``thread`` (a
+    back into epochs of exactly :func:`rows_per_rank` rows, each cut into
+    :func:`batches_per_epoch` batches. ``reader``: ``thread`` (a
     background thread of this process, :func:`thread_rows`) or ``ray_data`` (one Ray Data
     execution per run: its read tasks' worker processes stay leased across epochs, no pipeline
     start-up between epochs). Both give the same rows in the same order. Call :meth:`epoch` for
@@ -323,7 +359,8 @@ class RankStream:
         if reader not in READERS:
             raise ValueError(f"train.input_reader must be one of {READERS}, got {reader!r}")
         self.seed, self.rank, self.world = seed, rank, world
-        self.per_rank = rows_per_rank(manifest, world)
+        self.per_rank = rows_per_rank(manifest, world, rank)
+        self.total_rows = sum(n for _, n in manifest)
         self.next_epoch = first_epoch
         slices: list[FileSlice] = []
         for epoch in range(first_epoch, epochs):
@@ -358,6 +395,9 @@ class RankStream:
         self.next_epoch += 1
         rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(self.rank)])
         rows = itertools.islice(self._rows, self.per_rank)
-        yield from shuffled_batches(
-            rows, rng=rng, buffer_size=min(buffer_size, self.per_rank), batch_size=batch_size
+        yield from equal_batches(
+            shuffled_batches(
+                rows, rng=rng, buffer_size=min(buffer_size, self.per_rank), batch_size=batch_size
+            ),
+            count=batches_per_epoch(self.total_rows, world=self.world, batch_size=batch_size),
         )

@@ -189,8 +189,38 @@ def process_shard(
             if row is not None:
                 rows.append(row)
         name = f"{settings.split}-{int(item['shard']):05d}.parquet"
-        _write_table(schema.rejects_to_table(rejects), join(rejects_dir, name))
+        table = schema.rejects_to_table(rejects)
+        # Which node built the shard, in the rejects file's metadata (the rows stay the same
+        # wherever a shard ran): the summary counts shards per node.
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), NODE_ID_METADATA: _node_id().encode()}
+        )
+        _write_table(table, join(rejects_dir, name))
     return schema.rows_to_table(rows)
+
+
+NODE_ID_METADATA = b"pose2seg.node_id"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def _shard_nodes(rejects_dir: str, split: str) -> dict[str, int]:
+    """Shards of ``split`` per Ray node id, read from the shards' rejects files."""
+    import pyarrow.parquet as pq
+
+    fs, files = _parquet_files(rejects_dir)
+    nodes: Counter[str] = Counter()
+    for path in files:
+        base = path.rsplit("/", 1)[-1]
+        if base.startswith(f"{split}-") and base[len(split) + 1 : -len(".parquet")].isdigit():
+            with fs.open_input_file(path) as fh:
+                meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+            nodes[meta.get(NODE_ID_METADATA, b"unknown").decode()] += 1
+    return dict(sorted(nodes.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +245,8 @@ class SplitSummary:
     people_template_none: int = 0
     """Kept people with ``template_id = -1``: the keypoint fallback (pose alignment) or
     everyone (box alignment)."""
+    shard_nodes: dict[str, int] = field(default_factory=dict)
+    """Shards built per Ray node id (a multi-node cluster spreads them)."""
 
     @property
     def reject_fraction(self) -> float:
@@ -534,12 +566,14 @@ def _run_split(
         shards=len(items),
         seconds=time.perf_counter() - start,
         people_template_none=stats["template_none"],
+        shard_nodes=_shard_nodes(rejects_dir, split),
     )
     print(
         f"preprocess[{split}]: images in {summary.images_in}, rows out {summary.rows_out}, people "
         f"out {summary.people_out} ({summary.people_template_none} without a template: "
         f"fallback RoI or box alignment), people rejected {summary.people_rejected or 'none'} in "
-        f"{summary.seconds:.1f} s",
+        f"{summary.seconds:.1f} s on {len(summary.shard_nodes)} "
+        f"node{'s' if len(summary.shard_nodes) != 1 else ''}",
         flush=True,
     )
     return summary, stats["column_bytes"]

@@ -266,6 +266,15 @@ def log_params(handle: RunHandle, params: dict[str, str]) -> None:
             print(f"[pose2seg] MLflow params not logged: {exc}", flush=True)
 
 
+def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
+    """Set (or overwrite) tags of the run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(handle.run_id, key, value)
+
+
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 

@@ -6,7 +6,6 @@ the run names, storage paths and resume checks they need."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
@@ -17,6 +16,7 @@ import numpy as np
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
+from workflows.train_input import steps_per_epoch
 from workflows.train_validation import load_validation_data
 from workflows.train_worker import train_loop_per_worker
 
@@ -72,13 +72,6 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
     )
 
 
-def steps_per_epoch(config: Config, num_train_images: int) -> int:
-    # Every worker trains on the same number of rows (preprocessing.epoch_reader); the last
-    # batch may be short.
-    per_worker = num_train_images // config.train.num_workers
-    return max(1, math.ceil(per_worker / config.train.batch_size))
-
-
 def build_trainer(
     config: Config,
     data: PreparedData,
@@ -102,6 +95,7 @@ def build_trainer(
         "config": config,
         "templates": np.asarray(data.templates, dtype=np.float32),
         "steps_per_epoch": steps_per_epoch(config, data.num_train_images),
+        "num_train_images": int(data.num_train_images),
         "train_files": [[u, int(n)] for u, n in data.train_files],
         "read_runtime_env": _runtime_env(),
         # Validation scores against the val annotation file as evaluate.py reads it: read
@@ -111,13 +105,22 @@ def build_trainer(
         "mlflow": mlflow,
         "resume_plan": resume_plan,
     }
-    resources = {"CPU": config.train.cpus_per_worker}
-    if config.train.use_gpu:
-        resources["GPU"] = 1
+    from workflows.cluster_checks import worker_resources
+
+    resources = worker_resources(config)
+    elastic = (
+        {
+            "num_workers": (config.train.min_workers, config.train.max_workers),
+            "elastic_resize_monitor_interval_s": config.train.elastic_resize_interval_s,
+        }
+        if config.train.elastic
+        else {"num_workers": config.train.max_workers}
+    )
     scaling = ray.train.ScalingConfig(
-        num_workers=config.train.num_workers,
         use_gpu=config.train.use_gpu,
         resources_per_worker=resources,
+        placement_strategy=config.train.placement_strategy,
+        **elastic,
     )
     run_config = ray.train.RunConfig(
         name=run_name,
@@ -282,6 +285,9 @@ def run_training(
         resume_plan = plan_resume(config, resume)
     else:
         check_new_run_name(config, run_name)
+    from workflows.cluster_checks import check_cluster
+
+    check_cluster(config)  # before any work: a request no node can hold, a local path
     for run_id in tracking.end_orphaned_runs(config):
         print(f"[pose2seg] ended MLflow run {run_id}: its driver process is gone", flush=True)
     data = prepare_data(config)
@@ -342,6 +348,7 @@ def run_training(
         history=history,
         checkpoint_path=ckpt.path if ckpt else None,
         tracking_uri=handle.tracking_uri,
+        extra={"placement": (getattr(result, "return_value", None) or {}).get("placement", [])},
     )
     do_register = config.registry.register if register is None else register
     if ckpt is not None:

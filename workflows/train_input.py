@@ -5,6 +5,7 @@ remote backbone weights and the whole-model weights of ``train.init_weights``.""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import uuid
@@ -188,4 +189,30 @@ def iter_train_batches(
         epoch,
         batch_size=config.train.batch_size,
         buffer_size=config.train.shuffle_buffer_size,
+    )
+
+
+def worker_batch_size(config: Config, world: int) -> int:
+    """Images per worker per step at world size ``world`` (``train.elastic_batch``)."""
+    if config.train.elastic_batch == "keep_global":
+        return max(1, math.ceil(config.train.batch_size * config.train.max_workers / world))
+    return config.train.batch_size
+
+
+def lr_scale(config: Config, world: int) -> float:
+    """The lr multiplier at world size ``world``: the linear scaling rule for
+    ``keep_per_worker`` (1 at ``max_workers``), 1 for ``keep_global``."""
+    if config.train.elastic_batch == "keep_global":
+        return 1.0
+    return world / config.train.max_workers
+
+
+def steps_per_epoch(config: Config, num_train_images: int, world: int | None = None) -> int:
+    """Optimiser steps per epoch at world size ``world`` (default: ``train.max_workers``): every
+    rank takes the batches of the largest rank's share (preprocessing.epoch_reader)."""
+    from preprocessing.epoch_reader import batches_per_epoch
+
+    world = world or config.train.max_workers
+    return batches_per_epoch(
+        num_train_images, world=world, batch_size=worker_batch_size(config, world)
     )

@@ -36,6 +36,7 @@ class EpochProgress:
         enabled: bool = True,
         clock=time.time,
         echo=None,
+        sink: list | None = None,
     ):
         self.config = config
         self.epoch = epoch
@@ -46,6 +47,9 @@ class EpochProgress:
         self.enabled = enabled
         self.clock = clock
         self.echo = echo or say
+        # (step, metrics) of the step losses: logged by the caller with the epoch's checkpoint
+        # (a re-run epoch must not log a step twice); None logs at once.
+        self.sink = sink
         self.t0 = clock()
         self.last_print = self.t0
         self.epoch_step = 0
@@ -65,13 +69,13 @@ class EpochProgress:
         self.mlflow_window.append(loss)
         every = tc.mlflow_loss_every_steps
         if self.handle is not None and every > 0 and step % every == 0:
-            from workflows.mlflow_tracking import log_metrics
+            values = {"step_loss": float(np.mean(self.mlflow_window))}
+            if self.sink is not None:
+                self.sink.append((step, values))
+            else:
+                from workflows.mlflow_tracking import log_metrics
 
-            log_metrics(
-                self.handle,
-                {"step_loss": float(np.mean(self.mlflow_window))},
-                step=step,
-            )
+                log_metrics(self.handle, values, step=step)
             self.mlflow_window = []
         now = self.clock()
         by_steps = tc.progress_every_steps > 0 and self.epoch_step % tc.progress_every_steps == 0

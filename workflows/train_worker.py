@@ -21,7 +21,10 @@ from workflows.train_input import (
     init_weights_state,
     load_init_weights,
     local_pretrained_backbone,
+    lr_scale,
+    steps_per_epoch,
     train_stream,
+    worker_batch_size,
     worker_threads,
 )
 from workflows.train_progress import EpochProgress, say
@@ -40,6 +43,9 @@ class TrainState:
     epoch: int = 0  # epochs done
     step: int = 0  # optimiser steps done
     history: list[dict[str, float]] = field(default_factory=list)
+    placement: list[dict[str, Any]] = field(default_factory=list)
+    """Where the ranks ran: ``{"epoch": first epoch (1-based), "nodes": [node id by rank]}``,
+    one entry each time the worker group changed (a restart, an elastic resize)."""
 
     @classmethod
     def build(
@@ -75,6 +81,7 @@ class TrainState:
         self.epoch = int(loaded.state.get("epoch", 0))
         self.step = int(loaded.state.get("step", 0))
         self.history = list(loaded.state.get("history", []))
+        self.placement = list(loaded.state.get("placement", []))
 
     def save(self, directory: str, *, config: Config, templates: np.ndarray, metrics) -> None:
         from pose2seg.checkpoint import save_checkpoint
@@ -89,6 +96,7 @@ class TrainState:
                 "step": self.step,
                 "metrics": metrics,
                 "history": self.history,
+                "placement": self.placement,
             },
             training_state={
                 "optimizer": self.optimizer.state_dict(),
@@ -110,6 +118,8 @@ class Worker:
     device: Any
     amp_dtype: Any
     steps_per_epoch: int
+    batch_size: int  # images per step on this worker (train.elastic_batch)
+    node_ids: list[str]  # the Ray node id of every rank, by rank
     augmenter: Any  # build_augmenter(...) or None
     val_shard: Any
     val_data: ValidationData
@@ -124,6 +134,8 @@ class EpochStats:
     images: int = 0
     step_seconds: float = 0.0  # forward + backward + optimiser; the rest of the epoch is input
     train_seconds: float = 0.0
+    step_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """MLflow step metrics (``step_loss``) of the epoch, logged with its checkpoint."""
 
 
 def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int) -> EpochStats:
@@ -137,6 +149,7 @@ def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int)
         run_t0=worker.run_t0,
         handle=worker.handle,
         enabled=worker.rank == 0,
+        sink=stats.step_metrics,
     )
     for batch_np in batches:
         rows = decode_batch(batch_np)
@@ -201,9 +214,12 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
         "epoch_seconds": stats.train_seconds + val_seconds,
         "train_seconds": stats.train_seconds,
         "val_seconds": val_seconds,
+        "world_size": worker.world,
         **val,
     }
     state.history.append({k: float(v) for k, v in metrics.items()})
+    if not state.placement or state.placement[-1]["nodes"] != worker.node_ids:
+        state.placement.append({"epoch": state.epoch, "nodes": list(worker.node_ids)})
     if worker.rank == 0:
         say(
             f"[pose2seg] epoch {state.epoch}/{config.train.epochs}  loss {metrics['train_loss']:.4f}  "
@@ -220,12 +236,45 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
     if worker.handle is not None:
-        # Logged once the epoch's checkpoint is stored: a job interrupted before that
-        # redoes the epoch on --resume, and MLflow never holds the same step twice.
-        from workflows.mlflow_tracking import log_metrics
+        # Logged once the epoch's checkpoint is stored: a job interrupted before that (a lost
+        # node, --resume) redoes the epoch, and MLflow never holds the same step twice. The
+        # epoch's step losses were held back until now for the same reason.
+        import json
 
+        from workflows.mlflow_tracking import log_metrics, set_tags
+
+        for step, values in stats.step_metrics:
+            log_metrics(worker.handle, values, step=step)
         log_metrics(worker.handle, metrics, step=state.epoch)
+        set_tags(worker.handle, {"pose2seg.worker_nodes": json.dumps(state.placement)})
     return metrics
+
+
+def scale_lr(state: TrainState, factor: float) -> None:
+    """Scale the schedule's peak lr by ``factor`` (``train.elastic_batch``: 1 at the full world
+    size); the current lr follows at once. Applied after a restore, whose scheduler state holds
+    the lrs of the world size it was saved at."""
+    sched = state.scheduler
+    peaks = [group.get("initial_lr", group["lr"]) for group in state.optimizer.param_groups]
+    sched.base_lrs = [peak * factor for peak in peaks]
+    for group, base, fn in zip(
+        state.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * fn(sched.last_epoch)
+
+
+def gather_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, by rank (one collective: every rank calls it)."""
+    import ray
+
+    own = ray.get_runtime_context().get_node_id()
+    if world <= 1:
+        return [own]
+    import torch.distributed as dist
+
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, own)
+    return [str(i) for i in ids]
 
 
 def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
@@ -248,11 +297,17 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     device = ray.train.torch.get_device()
     precision = resolve_precision(config.train.mixed_precision, device.type)
     amp_dtype = precision.dtype
-    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    # An elastic run's world size is what Ray Train could place; a fixed one is num_workers.
+    num_rows = loop_config.get("num_train_images")
+    steps = (
+        steps_per_epoch(config, int(num_rows), world)
+        if num_rows is not None
+        else int(loop_config["steps_per_epoch"])
+    )
     arch = architecture(config)
     state = TrainState.build(
         config,
-        total_steps=steps_per_epoch * config.train.epochs,
+        total_steps=steps * config.train.epochs,
         amp_dtype=amp_dtype,
         device_type=device.type,
     )
@@ -266,8 +321,9 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         if rank == 0:
             say(
                 f"[pose2seg] resuming from the checkpoint of epoch {state.epoch} "
-                f"(step {state.step})"
+                f"(step {state.step}) on {world} worker{'s' if world != 1 else ''}"
             )
+    scale_lr(state, lr_scale(config, world))
     if arch.channels_last:
         # NHWC convolutions: faster steps on CPU (oneDNN) in our measurements, and the layout
         # tensor cores prefer on GPU. Weights only: activations follow the weights.
@@ -294,7 +350,9 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         world=world,
         device=device,
         amp_dtype=amp_dtype,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
+        batch_size=worker_batch_size(config, world),
+        node_ids=gather_node_ids(world),
         augmenter=build_augmenter(config, rank=rank),
         val_shard=ray.train.get_dataset_shard("val"),
         val_data=ray.get(val_ref[0]) if val_ref else load_validation_data(config),
@@ -321,9 +379,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     while state.epoch < config.train.epochs:
         batches = stream.epoch(
             state.epoch,
-            batch_size=config.train.batch_size,
+            batch_size=worker.batch_size,
             buffer_size=config.train.shuffle_buffer_size,
         )
         stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
         metrics = end_epoch(state, worker, stats)
-    return {"metrics": metrics, "history": state.history}
+    return {"metrics": metrics, "history": state.history, "placement": state.placement}

@@ -168,8 +168,12 @@ def run_tune(
     from pose2seg.arch import build_model
     from pose2seg.model import count_parameters
     from workflows import mlflow_tracking as tracking
+    from workflows.cluster_checks import check_cluster
     from workflows.train_driver import new_run_name, prepare_data
 
+    for variant in preprocessing_variants(config):
+        # A trial no node can hold would wait forever: refuse before any work.
+        check_cluster(variant, driver_cpus=config.tune.cpus_per_trial_driver, what="a tune trial")
     for variant in preprocessing_variants(config):
         prepare_data(variant)  # preprocess each data variant once, before trials race for it
 
@@ -227,7 +231,12 @@ def run_tune(
                 max_concurrent_trials=config.tune.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, storage_filesystem=storage_fs
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                # A trial restarted after a failure (its node lost) rebuilds its Train run under
+                # the same name, which Ray Train continues from the last checkpoint.
+                failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
             ),
         )
     t0 = time.time()

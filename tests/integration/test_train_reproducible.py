@@ -1,5 +1,5 @@
 """Reproducible training on a real local Ray (2 workers): the same config and seed give the
-same per-epoch losses; the step loss reaches MLflow while the run trains."""
+same per-epoch losses; the step loss reaches MLflow (with each epoch's checkpoint, once per step)."""
 
 from __future__ import annotations
 

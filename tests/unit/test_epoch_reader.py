@@ -9,8 +9,11 @@ import pytest
 
 from pose2seg.config import Config
 from preprocessing.epoch_reader import (
+    RankStream,
+    batches_per_epoch,
     epoch_file_order,
     epoch_slices,
+    equal_batches,
     list_parquet,
     read_slices,
     rows_per_rank,
@@ -23,16 +26,16 @@ def _rows(slices):
     return [(u, r) for u, a, b in slices for r in range(a, b)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_rank_gets_the_same_number_of_distinct_rows(world):
-    total = sum(n for _, n in MANIFEST)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_every_row_is_read_exactly_once_per_epoch_whatever_the_world_size(world):
+    total = sum(n for _, n in MANIFEST)  # 177: no world size above 1 divides it
     seen = []
     for rank in range(world):
         rows = _rows(epoch_slices(MANIFEST, epoch=3, seed=7, rank=rank, world=world))
-        assert len(rows) == rows_per_rank(MANIFEST, world) == total // world
+        assert len(rows) == rows_per_rank(MANIFEST, world, rank)
+        assert total // world <= len(rows) <= total // world + 1
         seen.extend(rows)
-    assert len(set(seen)) == len(seen)  # no row twice in an epoch
-    assert total - len(seen) < world  # at most world-1 rows left out
+    assert len(set(seen)) == len(seen) == total  # every row once, none left out
 
 
 def test_file_order_is_seeded_and_changes_every_epoch():
@@ -118,6 +121,28 @@ def test_progress_prints_by_steps_and_time_with_eta():
     assert progress.update(step=1, loss=1.0, images=8) is None
     clock.t += 31
     assert "epoch 3/3  step 2/10" in progress.update(step=2, loss=1.0, images=8)
+
+
+def test_step_losses_wait_for_the_epochs_checkpoint(monkeypatch):
+    """With a sink (the training loop's), step losses are held for the epoch's end, where they
+    are logged once its checkpoint is stored: a re-run epoch never logs a step twice."""
+    from workflows import mlflow_tracking
+    from workflows.train_progress import EpochProgress
+
+    logged = []
+    monkeypatch.setattr(mlflow_tracking, "log_metrics", lambda h, m, step: logged.append(step))
+    cfg = Config().with_overrides({"train.mlflow_loss_every_steps": 2})
+    sink: list = []
+    progress = EpochProgress(
+        cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, handle=object(), sink=sink
+    )
+    for step in range(1, 5):
+        progress.update(step=step, loss=float(step), images=1)
+    assert logged == []  # nothing logged mid-epoch
+    assert sink == [(2, {"step_loss": 1.5}), (4, {"step_loss": 3.5})]
+    direct = EpochProgress(cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, handle=1)
+    direct.update(step=2, loss=1.0, images=1)
+    assert logged == [2]  # without a sink: at once (as before)
 
 
 def test_progress_is_silent_off_rank_zero():
@@ -225,3 +250,50 @@ def test_an_unknown_reader_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.input_reader"):
         Config().with_overrides({"train.input_reader": "spark"})
+
+
+def test_equal_batches_splits_the_last_batch_of_a_short_rank():
+    import numpy as np
+
+    batches = [{"v": np.arange(4)}, {"v": np.arange(4, 8)}]
+    out = list(equal_batches(iter(batches), count=3))
+    assert [list(b["v"]) for b in out] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    assert [list(b["v"]) for b in equal_batches(iter(batches), count=2)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_rank_streams_read_every_row_once_in_equal_step_counts(tmp_path, world, batch_size):
+    """A world size changed at an epoch boundary (an elastic resize, a restart on fewer nodes):
+    the real per-rank streams of each epoch read every stored row exactly once, and every rank
+    takes the same number of steps (DDP would hang otherwise)."""
+    sizes = [8, 8, 5]  # 21 rows: uneven shares for world 2, 4 (and 3 with batch 4)
+    manifest = []
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"{i}.parquet"
+        pq.write_table(pa.table({"v": list(range(100 * i, 100 * i + n))}), path)
+        manifest.append((str(path), n))
+    for epoch in (0, 1):
+        seen, steps = [], set()
+        for rank in range(world):
+            stream = RankStream(
+                manifest,
+                seed=3,
+                first_epoch=epoch,
+                epochs=epoch + 1,
+                rank=rank,
+                world=world,
+                read_cpus=0.25,
+                concurrency=1,
+            )
+            batches = list(stream.epoch(epoch, batch_size=batch_size, buffer_size=4))
+            steps.add(len(batches))
+            assert all(1 <= len(b["v"]) <= batch_size for b in batches)
+            seen.extend(int(v) for b in batches for v in b["v"])
+        assert steps == {batches_per_epoch(sum(sizes), world=world, batch_size=batch_size)}
+        assert sorted(seen) == sorted(
+            v for i, n in enumerate(sizes) for v in range(100 * i, 100 * i + n)
+        )

@@ -496,7 +496,7 @@ def test_all_project_images_share_one_repository():
 def test_gpu_group_can_hold_the_cluster_training_run(name, spec):
     cfg = load_cluster_config("cocopersons.yaml")
     capacity = sum(g["maxReplicas"] * gpus for g, gpus in gpu_groups(spec))
-    assert capacity >= cfg.train.num_workers, (
+    assert capacity >= cfg.train.max_workers, (
         f"{name}: GPU groups scale to {capacity} GPUs, configs/cocopersons.yaml asks for {cfg.train.num_workers}"
     )
     for group, gpus in gpu_groups(spec):
@@ -1300,3 +1300,32 @@ def test_secret_scanner_catches_literals_and_accepts_references(text, expected):
     for doc in yaml.safe_load_all(text):
         findings += secret_findings_in_yaml(doc)
     assert bool(findings) is expected, findings
+
+
+def _entrypoint_config(step: str):
+    from pose2seg.config import load_config
+    from workflows.train import build_parser
+
+    argv = shlex.split(rayjob(step)["spec"]["entrypoint"])
+    args = build_parser().parse_args(argv[2:])
+    if not (REPO / args.config).is_file():
+        pytest.skip(f"{args.config} is not written yet")
+    return load_config(str(REPO / args.config), args.overrides)
+
+
+def test_train_rayjob_shows_the_elastic_range_in_its_gpu_group():
+    """The train job's elastic train.num_workers [min, max] is its GPU group's
+    minReplicas..maxReplicas (one worker per GPU), and the start-time resource check is off
+    (the autoscaler adds the GPU nodes after the job starts)."""
+    cfg = _entrypoint_config("train")
+    assert cfg.train.elastic, "the train RayJob must run an elastic range"
+    (group, gpus), *_ = gpu_groups(rayjob("train")["spec"]["rayClusterSpec"])
+    assert gpus == 1
+    assert (group["minReplicas"], group["maxReplicas"]) == (
+        cfg.train.min_workers,
+        cfg.train.max_workers,
+    )
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert cfg.train.check_resources is False
+    assert cfg.train.max_failures >= 1, "a lost spot node must be survivable"
+    assert cfg.train.storage_path.startswith("s3://"), "checkpoints every node sees"

@@ -1,0 +1,406 @@
+"""Multi-node for real: a 3-node Ray cluster on this machine (a head and two worker nodes, each
+its own raylet, started with ``ray start`` as users do: :class:`workflows.local_cluster.LocalCluster`),
+Parquet and checkpoints on the loopback S3 server, MLflow behind a real ``mlflow server``
+(SQLite store, S3 artifacts). The commands run as users run them: ``python workflows/<cmd>.py``
+subprocesses with ``RAY_ADDRESS`` set to the cluster, so they never meet the test session's
+in-process Ray (``ray_session``).
+
+Why ``ray start`` and not ``ray.cluster_utils.Cluster``: the nodes must be reachable from a
+separate command process by address, and a node must be lost the way a crash or a preemption
+loses it (its raylet and workers SIGKILLed by PID), with nothing in the pytest process.
+
+The cluster: head (1 CPU, no training), worker1 and worker2 (1 CPU and ``trainer: 1`` each); the
+training workers ask for ``trainer: 1`` (``train.worker_resources``), so they sit on the worker
+nodes, one per node, and a lost node takes a worker with it. Node ids are read back from what
+the run recorded (the MLflow tag ``pose2seg.worker_nodes``, the preprocessing summary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+MODEL = "pose2seg-multinode"
+RUN_TIMEOUT_S = 600
+EPOCHS = 7  # the lost-node run: room for a start, a loss, a regrowth
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    import boto3
+
+    name = f"mn-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """Head + 2 worker nodes (S3 endpoint and fake credentials in every node's environment)."""
+    from workflows.local_cluster import LocalCluster
+
+    c = LocalCluster()
+    try:
+        c.start_head(num_cpus=1)
+        c.add_node("worker1", num_cpus=1, resources={"trainer": 1})
+        c.add_node("worker2", num_cpus=1, resources={"trainer": 1})
+        c.wait_for_nodes()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, bucket, tmp_path_factory):
+    """``mlflow server`` on loopback: SQLite store, artifacts proxied to s3://bucket/mlflow."""
+    tmp = tmp_path_factory.mktemp("mn-mlflow")
+    port = free_port()
+    exe = str(Path(sys.executable).parent / "mlflow")
+    exe = exe if os.path.exists(exe) else shutil.which("mlflow")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{bucket}/mlflow",
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server not healthy: {(tmp / 'server.log').read_text()}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker, nothing else
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def overrides(bucket, mlflow_server, tmp_path_factory):
+    """The tiny config as ``--set`` overrides: every store shared (S3, the MLflow server)."""
+    from tests.helpers import tiny_config
+
+    base = f"s3://{bucket}"
+    config = tiny_config(
+        tmp_path_factory.mktemp("mn"),
+        **{
+            "data.root": f"{base}/raw",
+            "data.processed": f"{base}/processed",
+            "data.images_per_shard": 2,
+            "train.storage_path": f"{base}/runs",
+            "train.worker_resources": {"trainer": 1},
+            "train.torch_threads": 1,
+            "train.progress_every_seconds": 0,
+            "train.mlflow_loss_every_steps": 1,
+            "registry.tracking_uri": mlflow_server,
+            "registry.model_name": MODEL,
+        },
+    )
+    flat, defaults = config.to_flat(), type(config)().to_flat()
+    return {
+        k: v
+        for k, v in flat.items()
+        if v != defaults[k] and k.startswith(("data.", "model.", "train.", "registry."))
+    }
+
+
+def _args(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def command(cluster, script: str, overrides: dict, *extra: str) -> subprocess.Popen:
+    """``python workflows/<script> --set ...`` against the cluster (RAY_ADDRESS), as a user runs it."""
+    return subprocess.Popen(
+        [sys.executable, f"workflows/{script}", *_args(overrides), *extra],
+        cwd=REPO_ROOT,
+        env={**cluster.client_env(), "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"timed out after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}"
+        ) from None
+    return proc.returncode, out, err
+
+
+def run_epochs(bucket: str, prefix: str) -> dict[str, int]:
+    """The last checkpointed epoch of every Train run folder under s3://bucket/prefix."""
+    from preprocessing.storage import s3_client
+
+    client, epochs = s3_client(), {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/state.json") and "/checkpoint_" in obj["Key"]:
+                body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                run = obj["Key"].split("/checkpoint_")[0]
+                epochs[run] = max(epochs.get(run, 0), int(json.loads(body)["epoch"]))
+    return epochs
+
+
+def stored_epochs(bucket: str, prefix: str) -> set[int]:
+    return set(run_epochs(bucket, prefix).values())
+
+
+def wait_for_epoch(
+    bucket: str, prefix: str, epoch: int, proc, timeout: float = 300, runs: int = 1
+) -> None:
+    """Wait until ``runs`` Train runs under the prefix have stored a checkpoint of ``epoch``."""
+    deadline = time.time() + timeout
+    while sum(e >= epoch for e in run_epochs(bucket, prefix).values()) < runs:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"no checkpoint of epoch {epoch} under {prefix} in {timeout} s")
+        time.sleep(0.5)
+
+
+def train_worker_nodes(cluster) -> dict:
+    """The cluster's nodes that now run a Ray Train worker (this cluster's processes only)."""
+    from tests.helpers import train_worker_pids
+
+    nodes = {}
+    for pid in train_worker_pids():
+        node = cluster.node_of_pid(pid)
+        if node is not None:
+            nodes[node.node_id] = node
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def preprocessed(cluster, overrides):
+    """The dataset generated and preprocessed on the cluster (its Parquet on S3)."""
+    rc, out, err = finish(command(cluster, "preprocess.py", overrides))
+    assert rc == 0, out[-3000:] + err[-3000:]
+    return overrides
+
+
+def _variant_rows(processed: str, config) -> dict:
+    """Every stored row of both splits, by (split, image_id), as Python values."""
+    import pyarrow.parquet as pq
+
+    from preprocessing.pipeline import processed_dir
+    from preprocessing.storage import list_files, pyarrow_filesystem
+
+    rows = {}
+    cfg = config.with_overrides({"data.processed": processed})
+    for split in ("train", "val"):
+        for uri in list_files(processed_dir(cfg, split), suffix=".parquet"):
+            fs, path = pyarrow_filesystem(uri)
+            for row in pq.read_table(path, filesystem=fs).to_pylist():
+                rows[(split, row["image_id"])] = row
+    return rows
+
+
+def test_preprocessing_runs_on_every_node_and_matches_a_single_node_run(
+    cluster, preprocessed, ray_session, tmp_path
+):
+    from pose2seg.config import Config
+    from preprocessing.pipeline import preprocess_dataset, variant_dir
+    from preprocessing.storage import read_bytes
+
+    config = Config().with_overrides(preprocessed)
+    meta = json.loads(read_bytes(f"{variant_dir(config)}/meta.json"))
+    nodes = meta["summary"]["splits"]["train"]["shard_nodes"]
+    assert set(nodes) == {n.node_id for n in cluster.nodes}, nodes  # every node built shards
+    assert sum(nodes.values()) == meta["summary"]["splits"]["train"]["shards"] == 8
+    # The same dataset preprocessed on one node (the session's local Ray): the same rows.
+    single = config.with_overrides({"data.processed": str(tmp_path / "single")})
+    summary = preprocess_dataset(single)
+    assert len(summary.splits["train"].shard_nodes) == 1
+    multi_rows = _variant_rows(preprocessed["data.processed"], config)
+    single_rows = _variant_rows(str(tmp_path / "single"), config)
+    assert len(multi_rows) == 16 + 8
+    assert multi_rows.keys() == single_rows.keys()
+    for key, row in multi_rows.items():
+        assert row == single_rows[key], key
+
+
+def test_requests_the_cluster_can_never_hold_fail_within_a_minute(cluster, preprocessed):
+    t0 = time.time()
+    too_big = {**preprocessed, "train.cpus_per_worker": 2}
+    rc, out, err = finish(command(cluster, "train.py", too_big), timeout=120)
+    assert rc == 2, out[-2000:] + err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert "2 workers x (CPU 2, trainer 1)" in line and "no node can hold one worker" in line
+    for node in cluster.nodes:  # what the cluster has, per node
+        assert f"node {node.node_id[:8]}" in line
+    too_many = {**preprocessed, "train.num_workers": 3}
+    rc, out, err = finish(command(cluster, "train.py", too_many), timeout=120)
+    assert rc == 2 and "only 2 such workers fit" in err.strip().splitlines()[-1], err[-2000:]
+    local = {**preprocessed, "train.storage_path": "/tmp/pose2seg-local-runs"}
+    rc, out, err = finish(command(cluster, "train.py", local), timeout=120)
+    assert rc == 2, err[-2000:]
+    assert "train.storage_path=/tmp/pose2seg-local-runs is a local path" in err
+    assert time.time() - t0 < 180  # three refusals, each well within a minute
+
+
+def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocessed, bucket):
+    """Elastic range [1, 2] over the two trainer nodes: worker2's node is killed mid-epoch
+    (raylet and workers, by PID); the run continues from its last S3 checkpoint on the one node
+    left; a replacement node joins and the run grows back to 2 workers."""
+    from mlflow import MlflowClient
+
+    run_name = f"mn-lost-{uuid.uuid4().hex[:6]}"
+    overrides = {
+        **preprocessed,
+        "train.run_name": run_name,
+        "train.epochs": EPOCHS,
+        "train.num_workers": [1, 2],
+        "train.placement_strategy": "SPREAD",
+        "train.elastic_resize_interval_s": 2,
+        "train.max_failures": 4,
+    }
+    proc = command(cluster, "train.py", overrides)
+    prefix = f"runs/{run_name}/"
+    wait_for_epoch(bucket, prefix, 1, proc)
+    # The group may start with one worker and grow (elastic): wait until two workers, one per
+    # trainer node, have stored an epoch together, then lose the node of one of them.
+    while True:
+        on = train_worker_nodes(cluster)
+        if len(on) == 2:
+            wait_for_epoch(bucket, prefix, max(stored_epochs(bucket, prefix)) + 1, proc)
+            if train_worker_nodes(cluster).keys() == on.keys():
+                break
+        elif proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    victim = next(n for n in on.values() if not n.head)
+    survivor = next(n for n in cluster.nodes if n.node_id in on and n is not victim)
+    killed = cluster.kill_node(victim)
+    assert killed
+    lost_at = max(stored_epochs(bucket, prefix))
+    # Wait until an epoch was stored by the one worker left, then add a replacement node.
+    wait_for_epoch(bucket, prefix, lost_at + 1, proc)
+    replacement = cluster.add_node("worker3", num_cpus=1, resources={"trainer": 1})
+    cluster.wait_for_nodes()
+    rc, out, err = finish(proc)
+    assert rc == 0, out[-4000:] + err[-4000:]
+
+    client = MlflowClient(tracking_uri=preprocessed["registry.tracking_uri"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("pose2seg").experiment_id],
+        filter_string=f"tags.`pose2seg.run_name` = '{run_name}'",
+    )
+    assert len(runs) == 1  # one MLflow run for the whole job
+    run = runs[0]
+    for key in ("epoch", "train_loss", "step_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+    epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+    assert epochs == list(range(1, EPOCHS + 1))  # every epoch once
+    world = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "world_size")}
+    shown = dict(sorted(world.items()))
+    # (An elastic group may also restart smaller for a moment after any restart, when the old
+    # workers' resources are not yet free, and grow again: only the loss is asserted.)
+    assert 2 in [world[e] for e in range(1, lost_at + 1)], shown  # two workers before the loss
+    assert world[lost_at + 1] == 1, shown  # one after it: the run went on with fewer
+    assert world[EPOCHS] == 2, shown  # and grew back once the replacement joined
+    placement = json.loads(run.data.tags["pose2seg.worker_nodes"])
+    by_nodes = [set(p["nodes"]) for p in placement]
+    assert set(on) in by_nodes, placement  # two workers on two nodes, by node id
+    assert {survivor.node_id} in by_nodes, placement
+    assert set(placement[-1]["nodes"]) == {survivor.node_id, replacement.node_id}, placement
+    # The registered model comes from this finished run.
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_tune_trials_on_different_nodes_and_a_trial_retried_after_its_node_dies(
+    cluster, preprocessed, bucket
+):
+    from mlflow import MlflowClient
+
+    name = f"mn-tune-{uuid.uuid4().hex[:6]}"
+    if len([n for n in cluster.nodes if not n.head]) < 2:
+        cluster.add_node(f"worker{len(cluster.nodes) + 1}", num_cpus=1, resources={"trainer": 1})
+        cluster.wait_for_nodes()
+    overrides = {
+        **preprocessed,
+        "tune.name": name,
+        "tune.search_space": {"train.lr": [0.002, 0.0005]},
+        "tune.max_concurrent_trials": 2,
+        "tune.cpus_per_trial_driver": 0.25,
+        "tune.grace_period": 1,
+        "tune.max_failures": 2,
+        "train.num_workers": 1,
+        "train.cpus_per_worker": 0.25,
+        "train.epochs": 3,
+    }
+    proc = command(cluster, "tune.py", overrides, "--no-register")
+    wait_for_epoch(bucket, f"runs/{name}-", 1, proc, runs=2)
+    on = train_worker_nodes(cluster)
+    victim = next(n for n in on.values() if not n.head)
+    cluster.kill_node(victim)
+    cluster.add_node(f"worker{len(cluster.nodes) + 2}", num_cpus=1, resources={"trainer": 1})
+    rc, out, err = finish(proc)
+    assert rc == 0, out[-4000:] + err[-4000:]
+
+    client = MlflowClient(tracking_uri=preprocessed["registry.tracking_uri"])
+    experiment = client.get_experiment_by_name("pose2seg").experiment_id
+    parents = client.search_runs([experiment], filter_string=f"tags.`pose2seg.run_name` = '{name}'")
+    assert len(parents) == 1
+    children = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    assert len(children) == 2  # one child run per trial, a retried trial included
+    first_nodes, retried = set(), 0
+    for child in children:
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        assert len(epochs) == len(set(epochs)) and epochs, epochs  # no epoch logged twice
+        assert sorted(epochs) == list(range(1, len(epochs) + 1))  # ASHA may stop one early
+        placement = json.loads(child.data.tags["pose2seg.worker_nodes"])
+        first_nodes.add(placement[0]["nodes"][0])
+        retried += any(victim.node_id in p["nodes"] for p in placement) and len(placement) > 1
+    assert len(first_nodes) == 2  # the two trials trained on different nodes
+    assert retried == 1  # the trial on the lost node continued elsewhere

@@ -1,0 +1,304 @@
+"""A real multi-node Ray cluster on one machine, started as users start one: ``ray start --head``
+and ``ray start --address=...`` per node, each node its own raylet with its own ``--num-cpus``
+and custom resources (:class:`LocalCluster`); a node is lost by killing its raylet and the
+processes it started, by PID (:meth:`LocalCluster.kill_node`), and a replacement joins with
+:meth:`LocalCluster.add_node`. Used by the multi-node tests and ``benchmarks/multinode_demo.py``.
+
+Isolation from other Ray instances on the machine: every process of the cluster gets a private
+``RAY_TMPDIR`` / ``--temp-dir`` (Ray's ``ray_current_cluster`` discovery file lives there, so a
+bare ``ray.init()`` elsewhere never finds it) and free loopback ports; it is reached only by its
+explicit address and stopped by its own PIDs (never ``ray stop``, which stops every instance).
+
+python -m workflows.local_cluster up --workers 2 --cpus 1   # prints RAY_ADDRESS and the PIDs
+python -m workflows.local_cluster down --temp-dir /tmp/raymn-XXXX
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_exe() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return fh.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc's parent links)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class NodeProcess:
+    """One node of the cluster: its name, raylet port, Ray node id and resources."""
+
+    name: str
+    node_manager_port: int
+    resources: dict[str, float]
+    num_cpus: float
+    node_id: str = ""
+    head: bool = False
+
+    def raylet_pid(self) -> int | None:
+        needle = f"--node_manager_port={self.node_manager_port}".encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and b"raylet" in _cmdline(int(entry)).split(b"\0")[0]:
+                if needle in _cmdline(int(entry)):
+                    return int(entry)
+        return None
+
+    def pids(self) -> list[int]:
+        """The raylet and every process it started (workers, agents) of this node."""
+        raylet = self.raylet_pid()
+        return [] if raylet is None else [raylet, *_children(raylet)]
+
+
+@dataclass
+class LocalCluster:
+    """A head and worker nodes on this machine; see the module docstring."""
+
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="raymn-", dir="/tmp"))
+    port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def node_env(self) -> dict[str, str]:
+        """The environment every node and every command run against the cluster gets."""
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}"
+        env["RAY_AUTH_MODE"] = "disabled"
+        env["RAY_TMPDIR"] = self.temp_dir
+        # A lost node is declared dead after about 3 s instead of Ray's default 15+ s.
+        env.setdefault("RAY_health_check_period_ms", "1000")
+        env.setdefault("RAY_health_check_failure_threshold", "3")
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def client_env(self) -> dict[str, str]:
+        """The environment of a command run against the cluster (``RAY_ADDRESS`` set)."""
+        return {**self.node_env(), "RAY_ADDRESS": self.address}
+
+    def _start(self, node: NodeProcess, extra: list[str]) -> None:
+        cmd = [
+            _ray_exe(),
+            "start",
+            *extra,
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={node.num_cpus:g}",
+            f"--resources={json.dumps(node.resources)}",
+            "--disable-usage-stats",
+            f"--node-manager-port={node.node_manager_port}",
+            f"--object-manager-port={free_port()}",
+            # Other Ray instances on the machine hold the default ports.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
+        done = subprocess.run(cmd, env=self.node_env(), capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start failed for {node.name}: {done.stdout}{done.stderr}")
+        self.nodes.append(node)
+
+    def wait_for_nodes(self, timeout_s: float = 120) -> list[NodeProcess]:
+        """Wait until every started node is alive in the cluster; sets their node ids."""
+        deadline = time.time() + timeout_s
+        while True:
+            by_port = {n["NodeManagerPort"]: n["NodeID"] for n in self.alive_nodes()}
+            for node in self.nodes:
+                node.node_id = by_port.get(node.node_manager_port, "")
+            missing = [n.name for n in self.nodes if not n.node_id]
+            if not missing:
+                return self.nodes
+            if time.time() > deadline:
+                raise RuntimeError(f"nodes {missing} did not join the cluster in {timeout_s} s")
+            time.sleep(1)
+
+    def wait_for_node_count(self, count: int, timeout_s: float = 120) -> None:
+        """Wait until the cluster has ``count`` alive nodes (a killed node has been noticed)."""
+        deadline = time.time() + timeout_s
+        while len(self.alive_nodes()) != count:
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"the cluster did not reach {count} alive nodes in {timeout_s} s"
+                )
+            time.sleep(1)
+
+    def start_head(self, *, num_cpus: float = 1, resources: dict[str, float] | None = None):
+        head = NodeProcess("head", free_port(), dict(resources or {}), num_cpus, head=True)
+        self._start(
+            head,
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+            ],
+        )
+        return head
+
+    def add_node(
+        self, name: str, *, num_cpus: float = 1, resources: dict[str, float] | None = None
+    ) -> NodeProcess:
+        node = NodeProcess(name, free_port(), dict(resources or {}), num_cpus)
+        self._start(node, [f"--address={self.address}"])
+        return node  # its node_id is set by wait_for_nodes()
+
+    def alive_nodes(self) -> list[dict]:
+        """``ray.nodes()`` of the cluster's alive nodes, read by a short child process (the
+        caller may hold another Ray instance)."""
+        code = (
+            "import json, ray; ray.init(address='auto', logging_level='ERROR', "
+            "log_to_driver=False); print(json.dumps([{k: n[k] for k in "
+            "('NodeID', 'NodeManagerPort', 'Alive', 'Resources')} for n in ray.nodes() "
+            "if n['Alive']]))"
+        )
+        env = {**self.node_env(), "RAY_ADDRESS": self.address}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot list the cluster's nodes: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def node_of_pid(self, pid: int) -> NodeProcess | None:
+        """The node whose raylet started process ``pid`` (a Train worker, a Tune trial)."""
+        for node in self.nodes:
+            if pid in node.pids():
+                return node
+        return None
+
+    def kill_node(self, node: NodeProcess) -> list[int]:
+        """Lose ``node`` as a crash or a spot preemption does: SIGKILL its raylet and every
+        process it started, by PID. Returns the PIDs killed."""
+        pids = node.pids()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.nodes.remove(node)
+        return pids
+
+    def own_pids(self) -> set[int]:
+        """Every process of the cluster: its processes name the private temp dir on their
+        command line or inherit ``RAY_TMPDIR=<temp_dir>``."""
+        cmd_needle = self.temp_dir.encode()
+        env_needle = f"RAY_TMPDIR={self.temp_dir}".encode()
+        out = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                pid = int(entry)
+                if cmd_needle in _cmdline(pid) or env_needle in _environ(pid):
+                    out.add(pid)
+        for node in self.nodes:
+            out.update(node.pids())
+        return out
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every process of the cluster, SIGKILL what is left after ``grace_s``."""
+        stop_temp_dir(self.temp_dir, grace_s=grace_s, extra=self.own_pids())
+        self.nodes.clear()
+
+
+def stop_temp_dir(temp_dir: str, *, grace_s: float = 5.0, extra: set[int] | None = None) -> None:
+    """Stop the processes of the cluster whose private temp dir is ``temp_dir``; remove it."""
+    probe = LocalCluster(temp_dir=temp_dir, port=0)
+    pids = probe.own_pids() | set(extra or ())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            pids = {p for p in pids if os.path.exists(f"/proc/{p}")} | probe.own_pids()
+            if not pids:
+                break
+            time.sleep(0.3)
+        if not pids:
+            break
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start a head and --workers worker nodes")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--cpus", type=float, default=1.0, help="logical CPUs of every node")
+    up.add_argument("--head-cpus", type=float, default=1.0)
+    down = sub.add_parser("down", help="stop the cluster of this temp dir")
+    down.add_argument("--temp-dir", required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "down":
+        stop_temp_dir(args.temp_dir)
+        return 0
+    cluster = LocalCluster()
+    cluster.start_head(num_cpus=args.head_cpus)
+    for i in range(args.workers):
+        cluster.add_node(f"worker{i + 1}", num_cpus=args.cpus, resources={"trainer": 1})
+    cluster.wait_for_nodes()
+    for node in cluster.nodes:
+        print(f"{node.name:8s} node {node.node_id[:8]} raylet pid {node.raylet_pid()}")
+    print(f"export RAY_ADDRESS={cluster.address} RAY_TMPDIR={cluster.temp_dir}")
+    print(f"stop it with: python -m workflows.local_cluster down --temp-dir {cluster.temp_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
