@@ -17,6 +17,7 @@ import numpy as np
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
+from workflows.mlflow_buffer import is_unreachable
 from workflows.train_validation import load_validation_data
 from workflows.train_worker import train_loop_per_worker
 
@@ -293,7 +294,16 @@ def run_training(
         # Never leave the run RUNNING: KILLED for an interruption (Ctrl-C, SIGTERM from
         # `ray job stop`), FAILED for an error. `--resume` reopens it.
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
-        tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        try:
+            tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        except Exception as end_exc:
+            if not is_unreachable(end_exc):
+                raise
+            print(
+                f"[pose2seg] warning: could not mark MLflow run {handle.run_id} "
+                f"{'KILLED' if interrupted else 'FAILED'}: the tracking server does not answer",
+                flush=True,
+            )
         print(
             f"[pose2seg] run {run_name} {'interrupted' if interrupted else 'failed'}; "
             f"continue it with --resume {run_name}",
@@ -301,18 +311,55 @@ def run_training(
         )
         raise
     ckpt = best_checkpoint(result)
-    metrics = dict(result.metrics or {})
-    history = (
-        (result.return_value or {}).get("history", []) if hasattr(result, "return_value") else []
+    returned = (
+        (getattr(result, "return_value", None) or {}) if hasattr(result, "return_value") else {}
     )
     outcome = TrainOutcome(
         run_name=run_name,
         mlflow_run_id=handle.run_id,
-        metrics=metrics,
-        history=history,
+        metrics=dict(result.metrics or {}),
+        history=returned.get("history", []),
         checkpoint_path=ckpt.path if ckpt else None,
         tracking_uri=handle.tracking_uri,
     )
+    try:
+        _finish_tracking(
+            config, handle, outcome, ckpt, result.checkpoint, returned, register=register
+        )
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        raise TrackingUnavailableError(
+            f"training of {run_name} finished and its checkpoints are stored, but the MLflow "
+            f"tracking server {tracking.redact_uri(handle.tracking_uri)} does not answer "
+            f"({type(exc).__name__}), so its metrics are incomplete and the model is not "
+            f"registered; best checkpoint: {outcome.checkpoint_path}; when the server is back, "
+            f"`python workflows/train.py --resume {run_name}` delivers the metrics and registers it"
+        ) from exc
+    return outcome
+
+
+class TrackingUnavailableError(ConnectionError):
+    """Training finished but the MLflow tracking server never answered again: the metrics it
+    missed and the registration are left to a later ``--resume`` (exit code 2, one line)."""
+
+
+def _finish_tracking(
+    config: Config, handle, outcome: TrainOutcome, ckpt, latest, returned, *, register
+):
+    """After a successful fit: deliver what the run lacks (epochs lost to a killed driver or a
+    dead tracking server, from the checkpoint history), log the best checkpoint as the model,
+    register it, end the run."""
+    from workflows import mlflow_tracking as tracking
+
+    history = outcome.history
+    if not history and latest is not None:
+        history = _checkpoint_history(latest)
+    backfilled = tracking.backfill_epoch_metrics(
+        handle, history, undelivered=[tuple(u) for u in returned.get("undelivered", [])]
+    )
+    if backfilled:
+        print(f"[pose2seg] delivered {backfilled} metric values the MLflow run lacked", flush=True)
     do_register = config.registry.register if register is None else register
     if ckpt is not None:
         with ckpt.as_directory() as ckpt_dir:
@@ -338,4 +385,11 @@ def run_training(
                 config, handle, outcome.model_uri, val_ap=best_ap
             )
     tracking.end_run(handle)
-    return outcome
+
+
+def _checkpoint_history(ckpt) -> list[dict[str, float]]:
+    """The per-epoch metrics stored in a checkpoint (every epoch up to its own)."""
+    from pose2seg.checkpoint import load_checkpoint
+
+    with ckpt.as_directory() as ckpt_dir:
+        return list(load_checkpoint(ckpt_dir).state.get("history", []))

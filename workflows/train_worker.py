@@ -104,7 +104,7 @@ class Worker:
     augmenter: Any  # build_augmenter(...) or None
     val_shard: Any
     val_data: ValidationData
-    handle: Any  # RunHandle on rank 0 when the run is tracked, else None
+    metrics_log: Any  # mlflow_buffer.MetricBuffer of the run on rank 0 when tracked, else None
     run_t0: float = field(default_factory=time.time)
 
 
@@ -126,7 +126,7 @@ def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int)
         steps_per_epoch=worker.steps_per_epoch,
         first_epoch=first_epoch,
         run_t0=worker.run_t0,
-        handle=worker.handle,
+        metrics_log=worker.metrics_log,
         enabled=worker.rank == 0,
     )
     for batch_np in batches:
@@ -210,12 +210,12 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
             state.save(tmp, config=config, templates=worker.templates, metrics=metrics)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
-    if worker.handle is not None:
+    if worker.metrics_log is not None:
         # Logged once the epoch's checkpoint is stored: a job interrupted before that
-        # redoes the epoch on --resume, and MLflow never holds the same step twice.
-        from workflows.mlflow_tracking import log_metrics
-
-        log_metrics(worker.handle, metrics, step=state.epoch)
+        # redoes the epoch on --resume, and MLflow never holds the same step twice. Buffered:
+        # an unreachable tracking server delays the metrics, never the training; what is lost
+        # (a driver killed right here) the driver backfills from the checkpoint history.
+        worker.metrics_log.log(metrics, step=state.epoch)
     return metrics
 
 
@@ -262,6 +262,8 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     state.model = ray.train.torch.prepare_model(state.model)
     # Rank 0 logs to the job's MLflow run (a mlflow_tracking.RunHandle, plain data).
     handle = loop_config.get("mlflow") if rank == 0 else None
+    from workflows.mlflow_tracking import metric_buffer
+
     val_ref = loop_config.get("val_data")
     worker = Worker(
         config=config,
@@ -275,7 +277,7 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         augmenter=build_augmenter(config, rank=rank),
         val_shard=ray.train.get_dataset_shard("val"),
         val_data=ray.get(val_ref[0]) if val_ref else load_validation_data(config),
-        handle=handle,
+        metrics_log=metric_buffer(handle) if handle is not None else None,
     )
     return state, worker
 
@@ -303,4 +305,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
         metrics = end_epoch(state, worker, stats)
-    return {"metrics": metrics, "history": state.history}
+    undelivered = []
+    if worker.metrics_log is not None:
+        worker.metrics_log.flush(force=True)
+        undelivered = worker.metrics_log.undelivered()  # the driver delivers them later
+    return {"metrics": metrics, "history": state.history, "undelivered": undelivered}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,116 @@ def test_a_duplicated_annotation_id_is_rejected_and_perfect_masks_score_ap_1(
     assert str(path) in warning and f"id {dup} in image ids 785, 196141" in warning
     # pycocotools indexes by id: with both copies in the ground truth this scored 0.842.
     assert coco_segm_metrics(gt, _perfect_results(dataset))["segm_ap"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 2, 3. Rank 0's metrics buffered while the server is unreachable; the driver's backfill
+# --------------------------------------------------------------------------------------------
+
+
+def _dead_uri() -> str:
+    from tests.conftest import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real SQLite MLflow store with one RUNNING run; yields (client, handle)."""
+    from mlflow import MlflowClient
+
+    from workflows.mlflow_tracking import RunHandle, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = ensure_experiment(client, "pose2seg", uri)
+    run = client.create_run(exp_id)
+    return client, RunHandle(tracking_uri=uri, run_id=run.info.run_id, experiment_id=exp_id)
+
+
+def test_metrics_wait_in_the_buffer_while_the_server_is_down_and_warn_once(store, monkeypatch):
+    from workflows.mlflow_buffer import MetricBuffer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client, handle = store
+    now = [0.0]
+    lines: list[str] = []
+    down = type(handle)(tracking_uri=_dead_uri(), run_id=handle.run_id, experiment_id="0")
+    buffer = MetricBuffer(down, retry_every_s=30, clock=lambda: now[0], echo=lines.append)
+    t0 = time.time()
+    assert buffer.log({"train_loss": 1.0, "lr": 0.1}, step=1) is False  # no exception
+    assert buffer.log({"train_loss": 0.5, "lr": float("nan")}, step=2) is False
+    assert time.time() - t0 < 20
+    assert len(lines) == 1 and "unreachable" in lines[0] and down.tracking_uri in lines[0]
+    assert [(m.key, m.step) for m in buffer.pending] == [
+        ("train_loss", 1),
+        ("lr", 1),
+        ("train_loss", 2),
+    ]
+    # The server "comes back" (the same run through a store that answers): delivered once.
+    buffer.handle, buffer._client = handle, None
+    assert buffer.flush() is False  # retried at most every 30 s
+    now[0] = 31.0
+    assert buffer.flush() is True and not buffer.pending
+    assert len(lines) == 2 and "answers again" in lines[1]
+    assert sorted(m.step for m in client.get_metric_history(handle.run_id, "train_loss")) == [1, 2]
+
+
+def test_errors_other_than_reachability_still_raise(store):
+    from mlflow.exceptions import MlflowException
+
+    from workflows.mlflow_buffer import MetricBuffer
+
+    _, handle = store
+    missing = type(handle)(tracking_uri=handle.tracking_uri, run_id="0" * 32, experiment_id="0")
+    with pytest.raises(MlflowException):
+        MetricBuffer(missing).log({"train_loss": 1.0}, step=1)
+
+
+def test_backfill_logs_only_the_epochs_the_run_lacks(store):
+    from workflows.mlflow_tracking import backfill_epoch_metrics, log_metrics
+
+    client, handle = store
+    history = [
+        {"epoch": 1.0, "train_loss": 0.9},
+        {"epoch": 2.0, "train_loss": 0.7},
+        {"epoch": 3.0, "train_loss": 0.6},
+    ]
+    log_metrics(handle, history[1], step=2)  # only epoch 2 made it (a driver killed at 1 and 3)
+    undelivered = [("step_loss", 0.8, 1, 4)]
+    assert backfill_epoch_metrics(handle, history, undelivered=undelivered) == 5
+    assert backfill_epoch_metrics(handle, history, undelivered=undelivered) == 0  # idempotent
+    for key in ("epoch", "train_loss"):
+        assert sorted(m.step for m in client.get_metric_history(handle.run_id, key)) == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(handle.run_id, "step_loss")] == [4]
+
+
+def test_bounded_http_waits_keep_what_the_user_set(monkeypatch):
+    from workflows.mlflow_buffer import HTTP_WAIT_DEFAULTS, bound_http_waits
+
+    for key in HTTP_WAIT_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "45")
+    bound_http_waits()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "45"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The experiment opens on "Training runs": mlflow.experimentKind, new or reused
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_experiment_is_tagged_as_model_development_when_created_or_reused(tmp_path):
+    from mlflow import MlflowClient
+
+    from workflows.mlflow_tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    new_id = ensure_experiment(client, "fresh", uri)
+    old_id = client.create_experiment("older")  # made before the tag existed
+    assert ensure_experiment(client, "older", uri) == old_id
+    for exp_id in (new_id, old_id):
+        tags = client.get_experiment(exp_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
