@@ -273,6 +273,57 @@ def test_driver_killed_after_epoch_1_then_resume_logs_every_epoch_once(
         assert _steps(client, run.info.run_id, key) == [1, 2], key  # each epoch exactly once
 
 
+# --------------------------------------------------------------------------------------------
+# 3. A tracking server that dies in epoch 1: bounded time, one warning, exit 2 naming the
+#    checkpoint; back on the same port, --resume delivers the metrics and registers
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_dead_tracking_server_does_not_stall_training(shared_data, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    name = "dead-server"
+    overrides = _overrides(
+        tmp_path,
+        shared_data,
+        **{"train.run_name": name, "registry.tracking_uri": mlflow_server.url},
+    )
+    config = tiny_config(tmp_path, **overrides)
+    cmd = Command(tmp_path, _sets(overrides), tag="dead")
+    try:
+        cmd.wait_for(lambda: "[pose2seg] MLflow run " in cmd.text(), timeout_s=300, what="the run")
+        mlflow_server.kill()  # before the workers' first MLflow call
+        t0 = time.time()
+        rc = cmd.wait(240)
+        took = time.time() - t0
+    finally:
+        cmd.kill_all()
+    # Before: each MLflow call retried for 4-5 min and the worker group restarted.
+    assert took < 180, f"training without its tracking server took {took:.0f} s"
+    assert rc == 2, cmd.text()[-3000:]
+    assert cmd.text().count("is unreachable; training goes on") == 1  # one warning
+    assert _stored_epochs(tmp_path / "runs") >= {2}  # checkpoints intact
+    last = cmd.err.read_text().strip().splitlines()[-1]
+    assert last.startswith("error: ") and "does not answer" in last, last
+    assert f"best checkpoint: {tmp_path / 'runs' / name}/checkpoint_" in last, last
+    assert f"--resume {name}" in last
+
+    mlflow_server.start()  # back, on the same port and store
+    resumed = Command(tmp_path, [*_sets(overrides), "--resume", name], tag="back")
+    try:
+        assert resumed.wait(300) == 0, resumed.text()[-3000:]
+    finally:
+        resumed.kill_all()
+    client, run = _run_of(mlflow_server.url, config.registry.experiment, name)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_segm_ap", "epoch"):
+        assert _steps(client, run.info.run_id, key) == [1, 2], key
+    version = MlflowClient(tracking_uri=mlflow_server.url).get_model_version_by_alias(
+        config.registry.model_name, config.registry.alias
+    )
+    assert version.run_id == run.info.run_id
+
+
 def test_ctrl_c_while_workers_cannot_be_placed_exits_130_and_kills_the_run(shared_data, tmp_path):
     name = "over-asking"
     # More CPUs per worker than the machine has: Ray Train loops on "worker group startup
@@ -303,3 +354,108 @@ def test_ctrl_c_while_workers_cannot_be_placed_exits_130_and_kills_the_run(share
     assert err_lines[-1] == "interrupted", err_lines[-5:]
     client, run = _run_of(config.registry.tracking_uri, config.registry.experiment, name)
     assert run.info.status == "KILLED"
+
+
+# --------------------------------------------------------------------------------------------
+# 11. A worker killed after its checkpoint was stored: no folder beyond num_to_keep
+# --------------------------------------------------------------------------------------------
+
+
+def _own_train_workers() -> list[int]:
+    """Ray Train workers of this test session's Ray only (their RAY_TMPDIR is ours): other
+    Ray instances on the machine are never touched."""
+    mine = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if not fh.read().startswith(b"ray::RayTrainWorker"):
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if mine in fh.read().split(b"\0"):
+                    pids.append(int(entry))
+    return pids
+
+
+def test_a_worker_killed_after_its_checkpoint_leaves_num_to_keep_folders(
+    ray_session, shared_data, tmp_path
+):
+    import threading
+
+    from workflows.train_driver import run_training
+
+    config = tiny_config(
+        tmp_path,
+        **_overrides(
+            tmp_path,
+            shared_data,
+            **{"train.epochs": 3, "train.max_failures": 1, "registry.register": False},
+        ),
+    )
+    runs = tmp_path / "runs"
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_once_epoch_1_is_stored() -> None:
+        # As soon as rank 0 stored epoch 1's checkpoint, before the controller registers it.
+        deadline = time.time() + 300
+        while not done.is_set() and time.time() < deadline:
+            if 1 in _stored_epochs(runs):
+                for pid in _own_train_workers():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_once_epoch_1_is_stored, daemon=True)
+    watcher.start()
+    try:
+        outcome = run_training(config)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert [int(h["epoch"]) for h in outcome.history] == [1, 2, 3]
+    folders = sorted(p.name for p in runs.glob("*/checkpoint_*") if p.is_dir())
+    assert len(folders) <= config.train.num_to_keep, folders
+    snapshot = next(runs.glob("*/checkpoint_manager_snapshot.json")).read_text()
+    assert all(name in snapshot for name in folders)  # every folder left is a registered one
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The console: no Ray token-auth notice before the command's own first line
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_command_starting_ray_prints_no_token_auth_notice(shared_data, tmp_path):
+    home = tmp_path / "home"  # Ray writes its new token under ~/.ray: not the machine's home
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(
+        {
+            "HOME": str(home),
+            "RAY_TMPDIR": tempfile.mkdtemp(prefix="r27-"),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "workflows" / "preprocess.py"),
+                *_sets(_overrides(tmp_path, shared_data)),
+            ],
+            cwd=str(tmp_path),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (home / ".ray" / "auth_token").is_file()  # token authentication is still on
+    assert "Token authentication" not in proc.stderr, proc.stderr[:2000]

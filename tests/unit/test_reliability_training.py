@@ -89,18 +89,23 @@ def _dead_uri() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One real SQLite MLflow store for the module (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def store(tmp_path):
-    """A real SQLite MLflow store with one RUNNING run; yields (client, handle)."""
+def store(store_uri):
+    """A new RUNNING run in the module's store; yields (client, handle)."""
     from mlflow import MlflowClient
 
     from workflows.mlflow_tracking import RunHandle, ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = ensure_experiment(client, "pose2seg", uri)
+    client = MlflowClient(tracking_uri=store_uri)
+    exp_id = ensure_experiment(client, "pose2seg", store_uri)
     run = client.create_run(exp_id)
-    return client, RunHandle(tracking_uri=uri, run_id=run.info.run_id, experiment_id=exp_id)
+    return client, RunHandle(tracking_uri=store_uri, run_id=run.info.run_id, experiment_id=exp_id)
 
 
 def test_metrics_wait_in_the_buffer_while_the_server_is_down_and_warn_once(store, monkeypatch):
@@ -176,12 +181,12 @@ def test_bounded_http_waits_keep_what_the_user_set(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_experiment_is_tagged_as_model_development_when_created_or_reused(tmp_path):
+def test_the_experiment_is_tagged_as_model_development_when_created_or_reused(store_uri):
     from mlflow import MlflowClient
 
     from workflows.mlflow_tracking import ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri
     client = MlflowClient(tracking_uri=uri)
     new_id = ensure_experiment(client, "fresh", uri)
     old_id = client.create_experiment("older")  # made before the tag existed
