@@ -20,15 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 HTTP_WAIT_DEFAULTS: dict[str, str] = {
-    # seconds for the connect and for the read of one request (MLflow's default: 120)
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # seconds for the connect and for each read of one request (MLflow's default: 120); not a
+    # limit on a whole upload, but the server answers a proxied artifact upload only once it
+    # stored it: kept well above what a model upload needs
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     # retries of one request (MLflow's default: 7, about 4 minutes with backoff)
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     # backoff factor between them (MLflow's default: 2)
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 """MLflow's own environment variables (MLflow 3.17 reads them at every request), set by the
-project unless the user set them: one call to a dead server fails within about 30 s."""
+project unless the user set them: a call to a server that is gone (connection refused) fails
+within seconds, one to a server that accepts and never answers within about 90 s."""
 
 
 def bound_http_waits() -> None:
@@ -122,7 +125,6 @@ class MetricBuffer:
         if self.unreachable_since is not None and not force:
             if now - self._last_try < self.retry_every_s:
                 return False
-        self._last_try = now
         try:
             client = self._mlflow_client()
             while self.pending:
@@ -132,6 +134,7 @@ class MetricBuffer:
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
+            self._last_try = self.clock()  # the next attempt a full interval after this one
             if self.unreachable_since is None:
                 self.unreachable_since = now
                 self.echo(
