@@ -24,7 +24,13 @@ What is kept and what is rejected:
   ``keypoint_margin_fraction`` of its longer side, :mod:`pose2seg.keypoint_checks`) is one
   ``keypoints_outside_image`` Rejection. :meth:`CocoPersonDataset.valid_keypoints` applies the
   same keypoint checks without reading pixels (the template-fitting pass uses it); annotations whose ``image_id`` is not in ``images`` are listed once in
-  :attr:`CocoPersonDataset.dataset_rejections` (they belong to no image record).
+  :attr:`CocoPersonDataset.dataset_rejections` (they belong to no image record);
+- an annotation ``id`` that appears more than once in the file: every copy is rejected as
+  ``duplicate_annotation_id`` (also in :attr:`CocoPersonDataset.dataset_rejections`, one row
+  per copy, naming the id and the images). None is kept because nothing says which copy is
+  right, and keeping "the first" would make the training data depend on the file's order;
+  pycocotools indexes annotations by id (the last copy wins there), so the evaluation applies
+  the same rule (:func:`drop_duplicate_annotations`) instead of scoring the wrong ground truth.
 
 ``num_keypoints`` is recomputed from the visibility flags (count of v > 0); ``area`` and
 ``bbox`` are taken from the file when present (COCOeval uses the file's values), else computed
@@ -59,6 +65,7 @@ REJECT_REASONS: dict[str, str] = {
     "image_unreadable": "the image file exists but cannot be decoded as an image",
     "size_mismatch": "the image's pixel size differs from the height/width in the JSON",
     "unknown_image": "the annotation's image_id is not in the JSON's images",
+    "duplicate_annotation_id": "the annotation's id appears more than once in the file (every copy is rejected)",
     "not_person": "the annotation's category is not the person category",
     "malformed_keypoints": f"keypoints are not {3 * NUM_KEYPOINTS} finite numbers with visibility 0/1/2",
     REASON_OUTSIDE_IMAGE: "a labelled keypoint lies farther outside the image than data.keypoint_margin_fraction allows",
@@ -178,14 +185,31 @@ class CocoPersonDataset:
         self.person_category_ids = self._person_categories(data.get("categories"))
         self._anns: dict[int, list[dict[str, Any]]] = {i: [] for i in self._images}
         self.dataset_rejections: list[Rejection] = []
-        """Annotations that belong to no image (``unknown_image``); report them once."""
+        """Annotations that belong to no image (``unknown_image``) or whose id repeats
+        (``duplicate_annotation_id``); report them once."""
         for index, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "id" not in ann or "image_id" not in ann:
                 raise CocoFormatError(
                     f"{annotations_uri}: annotations[{index}] lacks 'id' or 'image_id'"
                 )
+        duplicates = duplicate_annotation_ids(data["annotations"])
+        for ann in data["annotations"]:
             image_id = ann["image_id"]
-            if image_id in self._anns:
+            if _id_key(ann["id"]) in duplicates:
+                info = self._images.get(image_id) if isinstance(image_id, int) else None
+                self.dataset_rejections.append(
+                    Rejection(
+                        split,
+                        _as_int(image_id),
+                        _as_int(ann["id"]),
+                        str(info["file_name"]) if info else "",
+                        "duplicate_annotation_id",
+                        describe_duplicate(
+                            ann["id"], duplicates[_id_key(ann["id"])], annotations_uri
+                        ),
+                    )
+                )
+            elif image_id in self._anns:
                 self._anns[image_id].append(ann)
             else:
                 self.dataset_rejections.append(
@@ -426,6 +450,59 @@ class CocoPersonDataset:
             "",
             "",
         )
+
+
+def _id_key(value: Any) -> Any:
+    # 7 and 7.0 are the same id to pycocotools' dict index; unhashable ids are compared by text.
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def duplicate_annotation_ids(annotations: list[Any]) -> dict[Any, list[Any]]:
+    """Annotation ids that appear more than once -> the ``image_id`` of each copy, in file
+    order (entries that are not dicts with an ``id`` are left to the caller's checks)."""
+    seen: dict[Any, list[Any]] = {}
+    for ann in annotations:
+        if isinstance(ann, dict) and "id" in ann:
+            seen.setdefault(_id_key(ann["id"]), []).append(ann.get("image_id"))
+    return {key: images for key, images in seen.items() if len(images) > 1}
+
+
+def describe_duplicate(ann_id: Any, image_ids: list[Any], uri: str) -> str:
+    """One line naming a repeated annotation id, how often and in which images it appears."""
+    images = ", ".join(str(i) for i in dict.fromkeys(image_ids))
+    return (
+        f"annotation id {ann_id} appears {len(image_ids)} times in {uri} "
+        f"(image ids {images}): every copy is rejected"
+    )
+
+
+def drop_duplicate_annotations(gt: dict[str, Any], uri: str) -> tuple[dict[str, Any], str]:
+    """``gt`` without any annotation whose id repeats (the reader's rule), and a one-line
+    description of what was dropped ("" when nothing was): ground truth for pycocotools, which
+    indexes annotations by id and would otherwise score against the wrong copy."""
+    duplicates = duplicate_annotation_ids(gt.get("annotations", []))
+    if not duplicates:
+        return gt, ""
+    kept = [
+        a
+        for a in gt["annotations"]
+        if not (isinstance(a, dict) and "id" in a and _id_key(a["id"]) in duplicates)
+    ]
+    shown = "; ".join(
+        f"id {key} in image ids {', '.join(str(i) for i in dict.fromkeys(images))}"
+        for key, images in list(duplicates.items())[:10]
+    )
+    more = f" (first 10 of {len(duplicates)})" if len(duplicates) > 10 else ""
+    dropped = len(gt["annotations"]) - len(kept)
+    line = (
+        f"{uri}: {len(duplicates)} annotation ids appear more than once{more}: {shown}; "
+        f"all {dropped} copies are left out of the ground truth, as preprocessing rejects them"
+    )
+    return {**gt, "annotations": kept}, line
 
 
 def _parse_keypoints(value: Any, iscrowd: bool) -> tuple[np.ndarray | None, str]:

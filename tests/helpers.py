@@ -78,6 +78,11 @@ def kill_a_train_worker(storage: Path, *, after_epoch: int, timeout_s: float = 3
 
 def tiny_config(tmp_path, **extra) -> Config:
     """A model and dataset small enough for a 2-core CI machine, every part still real."""
+    return Config().with_overrides(tiny_overrides(tmp_path, **extra))
+
+
+def tiny_overrides(tmp_path, **extra) -> dict:
+    """The dotted keys of :func:`tiny_config` (also as ``--set`` arguments of a command)."""
     overrides = {
         "data.root": str(tmp_path / "synthetic"),
         "data.processed": str(tmp_path / "processed"),
@@ -104,7 +109,7 @@ def tiny_config(tmp_path, **extra) -> Config:
         "eval.batch_size": 4,
     }
     overrides.update(extra)
-    return Config().with_overrides(overrides)
+    return overrides
 
 
 def predict_batch_logits(model: nn.Module, batch: PersonBatch) -> torch.Tensor:

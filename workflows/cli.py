@@ -77,6 +77,7 @@ def init_ray(
             # Inside `ray job submit` RAY_ADDRESS is set; resources come from the cluster.
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
+            _quiet_token_auth_notice()
             # The dashboard (ray[default]) also serves the State API that Ray Train's controller
             # polls; without it Train prints "Failed to query Ray Train Controller actor state".
             extra = {} if dashboard else {"include_dashboard": False}
@@ -89,6 +90,27 @@ def init_ray(
     context.raise_original_map_exception = True
     if not progress_bars:
         context.enable_progress_bars = False
+
+
+_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice:
+    """A logging filter: Ray 2.59+ logs, as a WARNING before every command's first line, that
+    the new local instance uses token authentication (its secure default, nothing to do).
+    Only that notice is dropped; every other record of the logger (the warning that
+    authentication is *disabled*, errors) still reaches the console."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(_TOKEN_NOTICE)
+
+
+def _quiet_token_auth_notice() -> None:
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
 
 
 class UserError(Exception):

@@ -80,7 +80,16 @@ def protocol_gt(gt: dict[str, Any], protocol: str) -> dict[str, Any]:
     return out
 
 
+_WARNED_DUPLICATES: set[str] = set()
+
+
 def load_gt(annotations_uri: str) -> dict[str, Any]:
+    """The ground truth of an annotation file, as evaluation scores it: annotations whose id
+    repeats are left out (every copy, as preprocessing rejects them), with a one-line warning
+    on stderr naming the file, the ids and their images (once per file and process)."""
+    import sys
+
+    from preprocessing.coco import drop_duplicate_annotations
     from preprocessing.storage import read_bytes
 
     try:
@@ -91,6 +100,10 @@ def load_gt(annotations_uri: str) -> dict[str, Any]:
         if key not in gt:
             raise ValueError(f"{annotations_uri}: COCO annotation file has no {key!r}")
     gt.setdefault("categories", [{"id": 1, "name": "person"}])
+    gt, dropped = drop_duplicate_annotations(gt, annotations_uri)
+    if dropped and annotations_uri not in _WARNED_DUPLICATES:
+        _WARNED_DUPLICATES.add(annotations_uri)
+        print(f"[pose2seg] warning: {dropped}", file=sys.stderr, flush=True)
     return gt
 
 

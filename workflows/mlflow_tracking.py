@@ -19,11 +19,16 @@ from typing import Any
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
+from workflows.mlflow_buffer import MetricBuffer, bound_http_waits
 
 RUN_NAME_TAG = "pose2seg.run_name"
 """The Ray Train run / Tune experiment name a run belongs to: how a resume finds its run."""
 DRIVER_TAG = "pose2seg.driver"
 """``host:pid`` of the driver that holds a RUNNING run (to end runs whose driver died)."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage);
+with it, on "Training runs"."""
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -69,6 +74,7 @@ def client_for(uri: str):
     import mlflow
     from mlflow import MlflowClient
 
+    bound_http_waits()  # a dead tracking server fails a call in about 30 s, not 4-5 min
     # The pyfunc / registry helpers below use the fluent API's global tracking URI; the
     # registry follows it (setting a registry URI too would pin it for the whole process,
     # and a later set_tracking_uri elsewhere would then load models from the wrong registry).
@@ -77,8 +83,12 @@ def client_for(uri: str):
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if needed; tagged as a model-training experiment
+    (:data:`EXPERIMENT_KIND_TAG`) whether it is new or reused."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
@@ -86,7 +96,9 @@ def ensure_experiment(client, name: str, uri: str) -> str:
         db_path = uri.split(":///", 1)[-1] if uri.startswith("sqlite:") else uri
         base = os.path.dirname(os.path.abspath(db_path))
         artifact_location = os.path.join(base, DEFAULT_ARTIFACTS)
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def param_value(value: Any) -> str:
@@ -273,6 +285,11 @@ def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
     client = MlflowClient(tracking_uri=handle.tracking_uri)
     for key, value in tags.items():
         client.set_tag(handle.run_id, key, value)
+
+
+def metric_buffer(handle: RunHandle, **kwargs: Any) -> MetricBuffer:
+    """Rank 0's buffered metric logger for the run (:class:`workflows.mlflow_buffer.MetricBuffer`)."""
+    return MetricBuffer(handle, label=redact_uri(handle.tracking_uri), **kwargs)
 
 
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:

@@ -16,6 +16,12 @@ import numpy as np
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
+from workflows.mlflow_buffer import is_unreachable
+from workflows.train_finish import (
+    TrackingUnavailableError,
+    finish_tracking,
+    prune_unregistered_checkpoints,
+)
 from workflows.train_input import steps_per_epoch
 from workflows.train_validation import load_validation_data
 from workflows.train_worker import train_loop_per_worker
@@ -200,6 +206,35 @@ def best_checkpoint(result):
     return best or result.checkpoint
 
 
+def fit_interruptibly(trainer):
+    """``trainer.fit()``, with Ctrl-C (and SIGTERM turned into KeyboardInterrupt by the command)
+    left to the job: in the main thread, ``fit`` runs in a helper thread while the main thread
+    waits, so a KeyboardInterrupt reaches the caller at once. Ray Train's own SIGINT handler
+    (installed only from the main thread) asks its controller to abort and waits for it, which
+    never ends while the worker group cannot be placed ("worker group startup timed out"), and
+    then returns as if training had ended. The controller is an actor owned by this process:
+    it goes when the process exits."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # a Tune trial's driver: signals never reach this thread
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="pose2seg-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 class RunNotFoundError(FileNotFoundError):
     """``--resume NAME`` names no run under ``train.storage_path`` (exit code 2)."""
 
@@ -324,55 +359,54 @@ def run_training(
         resume_plan=resume_plan,
     )
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except BaseException as exc:
         # Never leave the run RUNNING: KILLED for an interruption (Ctrl-C, SIGTERM from
         # `ray job stop`), FAILED for an error. `--resume` reopens it.
         interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
-        tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        try:
+            tracking.end_run(handle, status="KILLED" if interrupted else "FAILED")
+        except Exception as end_exc:
+            if not is_unreachable(end_exc):
+                raise
+            print(
+                f"[pose2seg] warning: could not mark MLflow run {handle.run_id} "
+                f"{'KILLED' if interrupted else 'FAILED'}: the tracking server does not answer",
+                flush=True,
+            )
         print(
             f"[pose2seg] run {run_name} {'interrupted' if interrupted else 'failed'}; "
             f"continue it with --resume {run_name}",
             flush=True,
         )
         raise
+    for path in prune_unregistered_checkpoints(result):
+        print(f"[pose2seg] removed {path}: a checkpoint its failed attempt never registered")
     ckpt = best_checkpoint(result)
-    metrics = dict(result.metrics or {})
-    history = (
-        (result.return_value or {}).get("history", []) if hasattr(result, "return_value") else []
+    returned = (
+        (getattr(result, "return_value", None) or {}) if hasattr(result, "return_value") else {}
     )
     outcome = TrainOutcome(
         run_name=run_name,
         mlflow_run_id=handle.run_id,
-        metrics=metrics,
-        history=history,
+        metrics=dict(result.metrics or {}),
+        history=returned.get("history", []),
         checkpoint_path=ckpt.path if ckpt else None,
         tracking_uri=handle.tracking_uri,
-        extra={"placement": (getattr(result, "return_value", None) or {}).get("placement", [])},
+        extra={"placement": returned.get("placement", [])},
     )
-    do_register = config.registry.register if register is None else register
-    if ckpt is not None:
-        with ckpt.as_directory() as ckpt_dir:
-            from pose2seg.checkpoint import load_checkpoint
-
-            best_state = load_checkpoint(ckpt_dir).state
-            best_ap = float(best_state.get("metrics", {}).get(VAL_METRIC, float("nan")))
-            outcome.metrics["best_val_segm_ap"] = best_ap
-            outcome.metrics["best_epoch"] = best_state.get("epoch")
-            tracking.log_metrics(
-                handle, {"best_val_segm_ap": best_ap}, step=int(best_state.get("epoch", 0))
-            )
-            from pose2seg.arch import architecture
-
-            if architecture(config).servable:
-                outcome.model_uri = tracking.log_pose2seg_model(handle, ckpt_dir)
-            else:
-                # The Mask R-CNN baseline is trained for comparison only: its metrics and
-                # checkpoint are kept, but it is not served by the pose-based pyfunc.
-                tracking.log_artifact_file(handle, os.path.join(ckpt_dir, "model.pt"), "baseline")
-        if do_register and outcome.model_uri:
-            outcome.registration = tracking.register_if_better(
-                config, handle, outcome.model_uri, val_ap=best_ap
-            )
-    tracking.end_run(handle)
+    try:
+        finish_tracking(
+            config, handle, outcome, ckpt, result.checkpoint, returned, register=register
+        )
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        raise TrackingUnavailableError(
+            f"training of {run_name} finished and its checkpoints are stored, but the MLflow "
+            f"tracking server {tracking.redact_uri(handle.tracking_uri)} does not answer "
+            f"({type(exc).__name__}), so its metrics are incomplete and the model is not "
+            f"registered; best checkpoint: {outcome.checkpoint_path}; when the server is back, "
+            f"`python workflows/train.py --resume {run_name}` delivers the metrics and registers it"
+        ) from exc
     return outcome

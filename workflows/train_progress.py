@@ -32,7 +32,7 @@ class EpochProgress:
         steps_per_epoch: int,
         first_epoch: int,
         run_t0: float,
-        handle=None,
+        metrics_log=None,
         enabled: bool = True,
         clock=time.time,
         echo=None,
@@ -43,7 +43,7 @@ class EpochProgress:
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.first_epoch = first_epoch
         self.run_t0 = run_t0
-        self.handle = handle
+        self.metrics_log = metrics_log  # a mlflow_buffer.MetricBuffer, or None
         self.enabled = enabled
         self.clock = clock
         self.echo = echo or say
@@ -68,14 +68,12 @@ class EpochProgress:
         self.window.append(loss)
         self.mlflow_window.append(loss)
         every = tc.mlflow_loss_every_steps
-        if self.handle is not None and every > 0 and step % every == 0:
+        if self.metrics_log is not None and every > 0 and step % every == 0:
             values = {"step_loss": float(np.mean(self.mlflow_window))}
             if self.sink is not None:
                 self.sink.append((step, values))
             else:
-                from workflows.mlflow_tracking import log_metrics
-
-                log_metrics(self.handle, values, step=step)
+                self.metrics_log.log(values, step=step)
             self.mlflow_window = []
         now = self.clock()
         by_steps = tc.progress_every_steps > 0 and self.epoch_step % tc.progress_every_steps == 0

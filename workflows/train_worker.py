@@ -123,7 +123,7 @@ class Worker:
     augmenter: Any  # build_augmenter(...) or None
     val_shard: Any
     val_data: ValidationData
-    handle: Any  # RunHandle on rank 0 when the run is tracked, else None
+    metrics_log: Any  # mlflow_buffer.MetricBuffer of the run on rank 0 when tracked, else None
     run_t0: float = field(default_factory=time.time)
 
 
@@ -147,7 +147,7 @@ def train_epoch(state: TrainState, worker: Worker, batches, *, first_epoch: int)
         steps_per_epoch=worker.steps_per_epoch,
         first_epoch=first_epoch,
         run_t0=worker.run_t0,
-        handle=worker.handle,
+        metrics_log=worker.metrics_log,
         enabled=worker.rank == 0,
         sink=stats.step_metrics,
     )
@@ -235,18 +235,25 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
             state.save(tmp, config=config, templates=worker.templates, metrics=metrics)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
-    if worker.handle is not None:
+    if worker.metrics_log is not None:
         # Logged once the epoch's checkpoint is stored: a job interrupted before that (a lost
-        # node, --resume) redoes the epoch, and MLflow never holds the same step twice. The
-        # epoch's step losses were held back until now for the same reason.
+        # node, --resume) redoes the epoch, and MLflow never holds the same step twice; the
+        # epoch's step losses were held back until now for the same reason. Buffered: an
+        # unreachable tracking server delays the metrics, never the training; what is lost (a
+        # driver killed right here) the driver backfills from the checkpoint history.
         import json
 
-        from workflows.mlflow_tracking import log_metrics, set_tags
+        from workflows.mlflow_tracking import set_tags
 
         for step, values in stats.step_metrics:
-            log_metrics(worker.handle, values, step=step)
-        log_metrics(worker.handle, metrics, step=state.epoch)
-        set_tags(worker.handle, {"pose2seg.worker_nodes": json.dumps(state.placement)})
+            worker.metrics_log.log(values, step=step)
+        worker.metrics_log.log(metrics, step=state.epoch)
+        _best_effort(
+            worker,
+            lambda: set_tags(
+                worker.metrics_log.handle, {"pose2seg.worker_nodes": json.dumps(state.placement)}
+            ),
+        )
     return metrics
 
 
@@ -331,16 +338,8 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     state.model = ray.train.torch.prepare_model(state.model)
     # Rank 0 logs to the job's MLflow run (a mlflow_tracking.RunHandle, plain data).
     handle = loop_config.get("mlflow") if rank == 0 else None
-    if rank == 0:
-        say(f"[pose2seg] training precision: {precision.describe()}")
-        if handle is not None:
-            log_params(
-                handle,
-                {
-                    "train.precision_resolved": precision.name,
-                    "train.precision_reason": precision.reason,
-                },
-            )
+    from workflows.mlflow_tracking import metric_buffer
+
     val_ref = loop_config.get("val_data")
     worker = Worker(
         config=config,
@@ -356,9 +355,36 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         augmenter=build_augmenter(config, rank=rank),
         val_shard=ray.train.get_dataset_shard("val"),
         val_data=ray.get(val_ref[0]) if val_ref else load_validation_data(config),
-        handle=handle,
+        metrics_log=metric_buffer(handle) if handle is not None else None,
     )
+    if rank == 0:
+        say(f"[pose2seg] training precision: {precision.describe()}")
+        if handle is not None:
+            _best_effort(
+                worker,
+                lambda: log_params(
+                    handle,
+                    {
+                        "train.precision_resolved": precision.name,
+                        "train.precision_reason": precision.reason,
+                    },
+                ),
+            )
     return state, worker
+
+
+def _best_effort(worker: Worker, call) -> None:
+    """A tag or param of rank 0 (not buffered like the metrics): skipped while the tracking
+    server is unreachable, so it never holds up training (the buffer has said so once)."""
+    from workflows.mlflow_buffer import is_unreachable
+
+    if worker.metrics_log is None or worker.metrics_log.unreachable_since is not None:
+        return
+    try:
+        call()
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -384,4 +410,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         stats = train_epoch(state, worker, batches, first_epoch=first_epoch)
         metrics = end_epoch(state, worker, stats)
-    return {"metrics": metrics, "history": state.history, "placement": state.placement}
+    undelivered = []
+    if worker.metrics_log is not None:
+        worker.metrics_log.flush(force=True)
+        undelivered = worker.metrics_log.undelivered()  # the driver delivers them later
+    return {
+        "metrics": metrics,
+        "history": state.history,
+        "placement": state.placement,
+        "undelivered": undelivered,
+    }

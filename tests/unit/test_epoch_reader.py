@@ -123,26 +123,33 @@ def test_progress_prints_by_steps_and_time_with_eta():
     assert "epoch 3/3  step 2/10" in progress.update(step=2, loss=1.0, images=8)
 
 
-def test_step_losses_wait_for_the_epochs_checkpoint(monkeypatch):
+def test_step_losses_wait_for_the_epochs_checkpoint():
     """With a sink (the training loop's), step losses are held for the epoch's end, where they
     are logged once its checkpoint is stored: a re-run epoch never logs a step twice."""
-    from workflows import mlflow_tracking
     from workflows.train_progress import EpochProgress
 
-    logged = []
-    monkeypatch.setattr(mlflow_tracking, "log_metrics", lambda h, m, step: logged.append(step))
+    class Log:  # stands in for rank 0's mlflow_buffer.MetricBuffer
+        def __init__(self):
+            self.steps = []
+
+        def log(self, metrics, *, step):
+            self.steps.append(step)
+
+    log = Log()
     cfg = Config().with_overrides({"train.mlflow_loss_every_steps": 2})
     sink: list = []
     progress = EpochProgress(
-        cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, handle=object(), sink=sink
+        cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, metrics_log=log, sink=sink
     )
     for step in range(1, 5):
         progress.update(step=step, loss=float(step), images=1)
-    assert logged == []  # nothing logged mid-epoch
+    assert log.steps == []  # nothing logged mid-epoch
     assert sink == [(2, {"step_loss": 1.5}), (4, {"step_loss": 3.5})]
-    direct = EpochProgress(cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, handle=1)
+    direct = EpochProgress(
+        cfg, epoch=0, steps_per_epoch=4, first_epoch=0, run_t0=0.0, metrics_log=log
+    )
     direct.update(step=2, loss=1.0, images=1)
-    assert logged == [2]  # without a sink: at once (as before)
+    assert log.steps == [2]  # without a sink: at once (as before)
 
 
 def test_progress_is_silent_off_rank_zero():
