@@ -37,7 +37,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from workflows.local_cluster import LocalCluster, free_port  # noqa: E402
+from workflows.local_cluster import LocalCluster, free_port, mlflow_server_argv  # noqa: E402
 
 TINY = {
     "data.input_size": 96,
@@ -96,24 +96,9 @@ def start_s3(tmp: str) -> tuple[subprocess.Popen, str]:
 
 def start_mlflow(tmp: str, bucket: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [
-            exe,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp}/mlflow.db",
-            "--artifacts-destination",
-            f"s3://{bucket}/mlflow",
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        mlflow_server_argv(f"sqlite:///{tmp}/mlflow.db", f"s3://{bucket}/mlflow", port),
         env=env,
         stdout=open(os.path.join(tmp, "mlflow.log"), "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,

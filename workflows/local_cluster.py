@@ -39,6 +39,27 @@ def _ray_exe() -> str:
     return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
 
 
+def mlflow_server_argv(backend_store_uri: str, artifacts_destination: str, port: int) -> list[str]:
+    """The command of a real ``mlflow server`` on loopback (one worker, artifacts proxied): what
+    the multi-node, S3 and reliability tests and the multi-node demo start."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return [
+        exe if os.path.exists(exe) else (shutil.which("mlflow") or "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
+from workflows.local_cluster import mlflow_server_argv
 
 pytestmark = pytest.mark.integration
 
@@ -68,26 +67,10 @@ def mlflow_server(s3_server, bucket, tmp_path_factory):
     """``mlflow server`` on loopback: SQLite store, artifacts proxied to s3://bucket/mlflow."""
     tmp = tmp_path_factory.mktemp("mn-mlflow")
     port = free_port()
-    exe = str(Path(sys.executable).parent / "mlflow")
-    exe = exe if os.path.exists(exe) else shutil.which("mlflow")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
-        [
-            exe,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'mlflow.db'}",
-            "--artifacts-destination",
-            f"s3://{bucket}/mlflow",
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        mlflow_server_argv(f"sqlite:///{tmp / 'mlflow.db'}", f"s3://{bucket}/mlflow", port),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

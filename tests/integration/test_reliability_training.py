@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import tiny_config, tiny_overrides
+from workflows.local_cluster import mlflow_server_argv
 
 pytestmark = pytest.mark.integration
 
@@ -145,26 +146,13 @@ class MlflowServer:
         self.starts = 0
 
     def start(self, timeout_s: float = 120) -> None:
-        exe = VENV_BIN / "mlflow"
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.starts += 1
         with open(self.root / f"server-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [
-                    str(exe) if exe.exists() else "mlflow",
-                    "server",
-                    "--backend-store-uri",
-                    f"sqlite:///{self.root / 'mlflow.db'}",
-                    "--artifacts-destination",
-                    str(self.root / "artifacts"),
-                    "--serve-artifacts",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--workers",
-                    "1",
-                ],
+                mlflow_server_argv(
+                    f"sqlite:///{self.root / 'mlflow.db'}", str(self.root / "artifacts"), self.port
+                ),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

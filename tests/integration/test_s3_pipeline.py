@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import tiny_config
+from workflows.local_cluster import mlflow_server_argv
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +65,6 @@ def mlflow_server(secret_env, bucket, tmp_path_factory):
     """``mlflow server`` on loopback: SQLite backend, artifacts proxied to s3://bucket/mlflow."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    venv_exe = Path(sys.executable).parent / "mlflow"
-    exe = str(venv_exe) if venv_exe.exists() else shutil.which("mlflow")
     env = dict(os.environ)
     env.update(
         {
@@ -76,21 +74,7 @@ def mlflow_server(secret_env, bucket, tmp_path_factory):
     )
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
-        [
-            exe,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'mlflow.db'}",
-            "--artifacts-destination",
-            f"s3://{bucket}/mlflow",
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        mlflow_server_argv(f"sqlite:///{tmp / 'mlflow.db'}", f"s3://{bucket}/mlflow", port),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
