@@ -127,6 +127,7 @@ class MetricBuffer:
                 return False
         try:
             client = self._mlflow_client()
+            self._drop_logged(client)
             while self.pending:
                 chunk = self.pending[:1000]  # MLflow takes at most 1000 metrics per batch
                 client.log_batch(self.handle.run_id, metrics=chunk)
@@ -150,6 +151,19 @@ class MetricBuffer:
             )
             self.unreachable_since = None
         return True
+
+    def _drop_logged(self, client: Any) -> None:
+        """Leave out what the run already holds at the same step: an epoch trained again after
+        a worker died between reporting its checkpoint and Ray Train registering it (the run
+        goes back to the previous registered checkpoint), or a batch whose answer timed out
+        after the server had stored it. MLflow then holds every step of a metric once."""
+        keys = {m.key for m in self.pending}
+        logged = {
+            (key, m.step)
+            for key in keys
+            for m in client.get_metric_history(self.handle.run_id, key)
+        }
+        self.pending = [m for m in self.pending if (m.key, m.step) not in logged]
 
     def undelivered(self) -> list[tuple[str, float, int, int]]:
         """What is still pending, as plain tuples (key, value, timestamp ms, step)."""

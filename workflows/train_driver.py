@@ -275,6 +275,12 @@ def plan_resume(config: Config, name: str) -> dict[str, Any] | None:
 
     plan = choose_resume_checkpoint(join(_storage_uri(config.train.storage_path), name))
     if not plan.use:
+        if plan.skip:
+            print(
+                f"[pose2seg] no checkpoint folder of {name} reads ({plan.reasons[0]}); Ray "
+                "Train resumes from the checkpoint it registered, if any",
+                flush=True,
+            )
         return None
     print(
         f"[pose2seg] {plan.reasons[0]}; resuming from {plan.use}, the newest readable "

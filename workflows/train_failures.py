@@ -104,8 +104,10 @@ def check_checkpoint(uri: str) -> None:
 def choose_resume_checkpoint(run_uri: str) -> ResumePlan:
     """The checkpoint ``--resume`` restores from: ``ResumePlan()`` when the newest one reads
     (Ray Train's own choice stands, nothing is replaced), else the newest readable one and the
-    unreadable ones skipped. Raises CheckpointError when the run has checkpoints and none
-    reads."""
+    unreadable ones skipped. When none reads, ``use`` stays None and Ray Train's choice stands:
+    a folder a killed worker left half-written was never registered (the run restarts from
+    its last registered checkpoint, or from scratch), and a registered unreadable one fails the
+    worker that loads it, naming the file, without a retry."""
     from pose2seg.checkpoint import CheckpointError
     from preprocessing.storage import join
 
@@ -121,10 +123,6 @@ def choose_resume_checkpoint(run_uri: str) -> ResumePlan:
         if plan.skip:
             plan.use = uri
         return plan
-    if plan.skip:
-        raise CheckpointError(
-            f"no readable checkpoint to resume {run_uri} from; the newest: {plan.reasons[0]}"
-        )
     return plan
 
 

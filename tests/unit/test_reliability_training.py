@@ -136,6 +136,21 @@ def test_metrics_wait_in_the_buffer_while_the_server_is_down_and_warn_once(store
     assert sorted(m.step for m in client.get_metric_history(handle.run_id, "train_loss")) == [1, 2]
 
 
+def test_a_step_the_run_already_holds_is_not_logged_again(store):
+    """An epoch trained again (its first checkpoint never registered) keeps one value a step."""
+    from workflows.mlflow_buffer import MetricBuffer
+
+    client, handle = store
+    first = MetricBuffer(handle, echo=lambda line: None)
+    assert first.log({"epoch": 1, "train_loss": 0.9}, step=1)
+    again = MetricBuffer(handle, echo=lambda line: None)  # the restarted rank 0
+    assert again.log({"epoch": 1, "train_loss": 0.8}, step=1)
+    assert again.log({"epoch": 2, "train_loss": 0.7}, step=2)
+    assert [m.step for m in client.get_metric_history(handle.run_id, "epoch")] == [1, 2]
+    losses = {m.step: m.value for m in client.get_metric_history(handle.run_id, "train_loss")}
+    assert losses == {1: 0.9, 2: 0.7}
+
+
 def test_errors_other_than_reachability_still_raise(store):
     from mlflow.exceptions import MlflowException
 
