@@ -136,6 +136,29 @@ def to_input_frame(
     )
 
 
+def _check_logits(logits: torch.Tensor, score: str) -> None:
+    if score not in ("mean_prob", "one"):
+        raise ValueError(f"score must be 'mean_prob' or 'one', got {score!r}")
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
+
+
+def _threshold_and_score(
+    probs: torch.Tensor, *, threshold: float, exclusive: bool, score: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P,H,W) image-frame probabilities -> masks and scores (see :func:`logits_to_instances`)."""
+    masks = probs > threshold
+    if exclusive and probs.shape[0] > 1:
+        owner = probs.argmax(dim=0)  # (H,W): the most likely person of each pixel
+        masks &= owner[None] == torch.arange(probs.shape[0], device=probs.device)[:, None, None]
+    area = masks.flatten(1).sum(1)
+    total = (probs * masks).flatten(1).sum(1)
+    scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
+    if score == "one":
+        scores = torch.ones_like(scores)
+    return masks, scores.to(torch.float32)
+
+
 def logits_to_instances(
     logits: torch.Tensor,
     affines_img_to_aligned: torch.Tensor,
@@ -162,25 +185,13 @@ def logits_to_instances(
     Returns:
         masks: (P,H,W) bool; scores: (P,) float32.
     """
-    if score not in ("mean_prob", "one"):
-        raise ValueError(f"score must be 'mean_prob' or 'one', got {score!r}")
-    if logits.ndim != 3:
-        raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
+    _check_logits(logits, score)
     # Probabilities, not logits, are warped: the zero padding outside the RoI then means
     # "not this person" instead of a logit 0 (probability 0.5).
     probs = warp_aligned_to_image(
         torch.sigmoid(logits.float()), affines_img_to_aligned.float(), out_hw=out_hw
     )
-    masks = probs > threshold
-    if exclusive and probs.shape[0] > 1:
-        owner = probs.argmax(dim=0)  # (H,W): the most likely person of each pixel
-        masks &= owner[None] == torch.arange(probs.shape[0], device=probs.device)[:, None, None]
-    area = masks.flatten(1).sum(1)
-    total = (probs * masks).flatten(1).sum(1)
-    scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
-    if score == "one":
-        scores = torch.ones_like(scores)
-    return masks, scores.to(torch.float32)
+    return _threshold_and_score(probs, threshold=threshold, exclusive=exclusive, score=score)
 
 
 def logits_to_instances_official(
@@ -201,22 +212,10 @@ def logits_to_instances_official(
         orig_to_roi_matrices: (P,2,3) original image -> RoI, index convention.
         out_hw, threshold, exclusive, score: as :func:`logits_to_instances`.
     """
-    if score not in ("mean_prob", "one"):
-        raise ValueError(f"score must be 'mean_prob' or 'one', got {score!r}")
-    if logits.ndim != 3:
-        raise ValueError(f"logits must have shape (P, S, S), got {tuple(logits.shape)}")
+    _check_logits(logits, score)
     probs_roi = torch.sigmoid(logits.detach().float()).cpu().numpy()
     probs = torch.from_numpy(warp_probs_to_image_official(probs_roi, orig_to_roi_matrices, out_hw))
-    masks = probs > threshold
-    if exclusive and probs.shape[0] > 1:
-        owner = probs.argmax(dim=0)
-        masks &= owner[None] == torch.arange(probs.shape[0])[:, None, None]
-    area = masks.flatten(1).sum(1)
-    total = (probs * masks).flatten(1).sum(1)
-    scores = torch.where(area > 0, total / area.clamp_min(1), torch.zeros_like(total))
-    if score == "one":
-        scores = torch.ones_like(scores)
-    return masks, scores.to(torch.float32)
+    return _threshold_and_score(probs, threshold=threshold, exclusive=exclusive, score=score)
 
 
 def encode_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
