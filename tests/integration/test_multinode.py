@@ -341,7 +341,7 @@ def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocesse
 
 @pytest.mark.skipif(
     os.environ.get("POSE2SEG_RUN_FLAKY") != "1",
-    reason="flaky on a 2-core machine (issue 25): in 1 of 3 full runs a retried trial never got "
+    reason="flaky on a 2-core machine (issue 25): in 1 of 2 full CI runs a retried trial never got "
     "its node back before the search's time ran out; run it with POSE2SEG_RUN_FLAKY=1",
 )
 def test_tune_trials_on_different_nodes_and_a_trial_retried_after_its_node_dies(
