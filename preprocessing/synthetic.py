@@ -680,6 +680,88 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
+PARALLEL_MIN_IMAGES = 256
+"""Splits with fewer images are generated in this process (a worker process costs ~1 s to start)."""
+
+
+def generation_workers(num_images: int) -> int:
+    """Processes that generate a split of ``num_images``: the usable CPUs (at most 8), or 1 for a
+    small split. Every image is a pure function of its own seeded generator, so the output does
+    not depend on this number."""
+    if num_images < PARALLEL_MIN_IMAGES:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def _image_annotations(
+    root: str,
+    split: str,
+    index: int,
+    image_size: int,
+    max_people: int,
+    overlap: float,
+    seed: int,
+    segmentation: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
+    """Generate image ``index`` of ``split``, write its PNG under ``root``; return its COCO image
+    entry, its people's annotations (without ids: they are numbered in image order by the
+    caller) and its dropped-people counts."""
+    rng = image_rng(seed, split, index)
+    sample = generate_image(
+        rng,
+        image_size=image_size,
+        max_people=max_people,
+        overlap=overlap,
+        min_people=2 if split == "val" else 1,
+    )
+    image_id = SPLITS.index(split) * IMAGE_ID_STRIDE + index + 1
+    file_name = f"{image_id:012d}.png"
+    Image.fromarray(sample.pixels).save(
+        os.path.join(root, "images", split, file_name), compress_level=3
+    )
+    entry = {
+        "id": image_id,
+        "file_name": file_name,
+        "height": image_size,
+        "width": image_size,
+        "license": 1,
+    }
+    annotations = []
+    for person in sample.people:
+        if segmentation == "mixed":
+            fmt = "polygon" if rng.random() < 0.5 else "rle"
+        else:
+            fmt = segmentation
+        seg = mask_to_polygons(person.mask) if fmt == "polygon" else mask_to_rle(person.mask)
+        x0, y0, x1, y1 = _mask_box_xyxy(person.mask)
+        kps = person.keypoints
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": seg,
+                "area": float(person.mask.sum()),
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "keypoints": [round(float(v), 2) for v in kps.reshape(-1)],
+                "num_keypoints": int((kps[:, 2] > 0).sum()),
+                "max_iou": round(person.max_iou, 4),
+                "max_mask_iou": round(person.max_mask_iou, 4),
+            }
+        )
+    return entry, annotations, sample.dropped_occluded, sample.dropped_no_keypoints
+
+
+def _image_chunk(args: tuple) -> list[tuple]:
+    """:func:`_image_annotations` for a range of indices (one task of the process pool)."""
+    root, split, indices, kwargs = args
+    return [_image_annotations(root, split, i, **kwargs) for i in indices]
+
+
 def generate_split(
     root: str,
     split: str,
@@ -691,60 +773,47 @@ def generate_split(
     seed: int,
     segmentation: str,
     val_overlap: float | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Write one split's images and annotation JSON under local ``root``; returns its stats."""
-    image_dir = os.path.join(root, "images", split)
-    os.makedirs(image_dir, exist_ok=True)
+    """Write one split's images and annotation JSON under local ``root``; returns its stats.
+
+    ``workers``: processes that generate the images (None: :func:`generation_workers`); the
+    output is the same for any number."""
+    os.makedirs(os.path.join(root, "images", split), exist_ok=True)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    kwargs = {
+        "image_size": image_size,
+        "max_people": max_people,
+        "overlap": split_overlap(split, overlap, val_overlap),
+        "seed": seed,
+        "segmentation": segmentation,
+    }
+    workers = generation_workers(num_images) if workers is None else max(1, workers)
+    if workers == 1:
+        results = _image_chunk((root, split, range(num_images), kwargs))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Contiguous chunks, several per process (balance), results in image order. "spawn":
+        # the caller may hold Ray's threads, which a forked child must not inherit.
+        step = max(1, math.ceil(num_images / (workers * 4)))
+        chunks = [
+            (root, split, range(i, min(i + step, num_images)), kwargs)
+            for i in range(0, num_images, step)
+        ]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            results = [r for chunk in pool.map(_image_chunk, chunks) for r in chunk]
     images, annotations = [], []
     dropped_occluded = dropped_no_kp = 0
-    split_index = SPLITS.index(split)
-    for index in range(num_images):
-        rng = image_rng(seed, split, index)
-        sample = generate_image(
-            rng,
-            image_size=image_size,
-            max_people=max_people,
-            overlap=split_overlap(split, overlap, val_overlap),
-            min_people=2 if split == "val" else 1,
-        )
-        image_id = split_index * IMAGE_ID_STRIDE + index + 1
-        file_name = f"{image_id:012d}.png"
-        Image.fromarray(sample.pixels).save(os.path.join(image_dir, file_name), compress_level=3)
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "height": image_size,
-                "width": image_size,
-                "license": 1,
-            }
-        )
-        dropped_occluded += sample.dropped_occluded
-        dropped_no_kp += sample.dropped_no_keypoints
-        for person in sample.people:
-            if segmentation == "mixed":
-                fmt = "polygon" if rng.random() < 0.5 else "rle"
-            else:
-                fmt = segmentation
-            seg = mask_to_polygons(person.mask) if fmt == "polygon" else mask_to_rle(person.mask)
-            x0, y0, x1, y1 = _mask_box_xyxy(person.mask)
-            kps = person.keypoints
-            annotations.append(
-                {
-                    "id": len(annotations) + 1 + split_index * IMAGE_ID_STRIDE,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "iscrowd": 0,
-                    "segmentation": seg,
-                    "area": float(person.mask.sum()),
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                    "keypoints": [round(float(v), 2) for v in kps.reshape(-1)],
-                    "num_keypoints": int((kps[:, 2] > 0).sum()),
-                    "max_iou": round(person.max_iou, 4),
-                    "max_mask_iou": round(person.max_mask_iou, 4),
-                }
-            )
+    id_base = SPLITS.index(split) * IMAGE_ID_STRIDE
+    for entry, people, occluded, no_kp in results:
+        images.append(entry)
+        dropped_occluded += occluded
+        dropped_no_kp += no_kp
+        for person in people:
+            annotations.append({"id": len(annotations) + 1 + id_base, **person})
     coco = {
         "info": {
             "description": f"Pose2Seg synthetic occluded people, {split} split",
