@@ -29,6 +29,10 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 """MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage);
 with it, on "Training runs"."""
+PYFUNC_CODE_PACKAGES = ("pose2seg", "preprocessing", "workflows")
+"""The project's packages copied into a logged pyfunc model (its ``code_paths``): every one the
+pyfunc imports, so that a model served where the project is not installed still loads and
+answers (the image decoding and its error reasons come from ``preprocessing.schema``)."""
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -318,7 +322,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     from workflows.pyfunc_model import Pose2SegPyfunc, pyfunc_signature
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]
+    code_paths = [os.path.join(repo, package) for package in PYFUNC_CODE_PACKAGES]
     loaded = load_checkpoint(checkpoint_dir)
     client_for(handle.tracking_uri)
     serving = tempfile.mkdtemp(prefix="pose2seg-model-")
