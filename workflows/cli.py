@@ -267,7 +267,11 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except SystemExit:
         raise
     except BaseException as exc:
-        cause = root_cause(exc)
+        from preprocessing.storage import explain_s3_error
+
+        # pyarrow's S3 errors (Ray Data's Parquet reads and writes) name the operation and the
+        # key, not the endpoint: the line names both, as for boto3 calls.
+        cause = explain_s3_error(root_cause(exc))
         if debug_enabled(argv) or not isinstance(cause, _expected_types()):
             raise
         print(error_line(cause), file=sys.stderr)
