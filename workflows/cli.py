@@ -82,7 +82,10 @@ def init_ray(
             # polls; without it Train prints "Failed to query Ray Train Controller actor state".
             extra = {} if dashboard else {"include_dashboard": False}
             ray.init(
-                num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **extra
+                num_cpus=num_cpus,
+                log_to_driver=log_to_driver,
+                runtime_env=with_cluster_address(runtime_env),
+                **extra,
             )
     context = DataContext.get_current()
     # A failing Ray Data UDF then raises the user's exception (inside RayTaskError, whose
@@ -90,6 +93,32 @@ def init_ray(
     context.raise_original_map_exception = True
     if not progress_bars:
         context.enable_progress_bars = False
+
+
+def with_cluster_address(runtime_env: dict | None) -> dict:
+    """``runtime_env`` plus a worker setup hook (:func:`set_cluster_address`) that tells every
+    worker process of the new local instance which Ray cluster it belongs to."""
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", set_cluster_address)
+    return env
+
+
+def set_cluster_address() -> None:
+    """In a Ray worker process: ``RAY_ADDRESS`` = the GCS address of the worker's own cluster.
+
+    Ray's State API (``ray.util.state``), called without an address, otherwise looks for a Ray
+    instance on the machine: Ray Train's placement-group cleaner (a detached actor started for
+    every fit, which polls the controller's state) then finds two GCS processes when a second
+    local instance runs beside ours (another command, a notebook, a test session) and dies
+    with a 30-line "Found multiple active Ray instances" traceback on the console (and stops
+    watching the controller). With the address set it asks its own cluster."""
+    import ray
+
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # a raising setup hook would stop every worker: without it, Ray's default
+        return
+    os.environ["RAY_ADDRESS"] = address
 
 
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"

@@ -454,3 +454,59 @@ def test_a_command_starting_ray_prints_no_token_auth_notice(shared_data, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (home / ".ray" / "auth_token").is_file()  # token authentication is still on
     assert "Token authentication" not in proc.stderr, proc.stderr[:2000]
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The console with a second Ray instance on the machine: no traceback from Ray Train
+# --------------------------------------------------------------------------------------------
+
+_FIT_BESIDE_ANOTHER_RAY = """
+import time
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from workflows.cli import init_ray
+
+init_ray(num_cpus=1)  # a new local instance, as a command starts one
+
+
+def loop():
+    time.sleep(4)  # Ray Train's placement-group cleaner polls the controller meanwhile
+
+
+scaling = ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})
+TorchTrainer(loop, scaling_config=scaling).fit()
+print("fit done", flush=True)
+"""
+
+
+def test_a_fit_beside_another_ray_instance_prints_no_cleaner_traceback(ray_session, tmp_path):
+    """This session's Ray is one instance; the script starts a second one on the machine. Ray
+    Train's placement-group cleaner (a detached actor of every fit) asks the State API about
+    the controller; without an address it found two GCS processes and printed a 30-line
+    "Found multiple active Ray instances" traceback to the command's console."""
+    ray_tmp = tempfile.mkdtemp(prefix="r27-")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _FIT_BESIDE_ANOTHER_RAY],
+            cwd=str(tmp_path),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        logs = Path(ray_tmp) / "ray" / "session_latest" / "logs"
+        cleaner_out = [
+            p for p in logs.glob("worker-*.out") if ":actor_name:PlacementGroupCleaner" in p.read_text()
+        ]
+        cleaner_err = "".join(p.with_suffix(".err").read_text() for p in cleaner_out)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0 and "fit done" in proc.stdout, proc.stderr[-3000:]
+    assert cleaner_out, "no placement-group cleaner ran: nothing was tested"
+    for text in (proc.stderr, cleaner_err):
+        assert "multiple active Ray instances" not in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
