@@ -86,6 +86,16 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def run_client(handle: RunHandle):
+    """An ``MlflowClient`` for the run's tracking store with bounded HTTP waits, in whatever
+    process it runs: a Ray Train worker or a Tune trial makes MLflow calls (params, tags, the
+    end of its run) that must not wait MLflow's default 4-5 minutes for a dead server."""
+    from mlflow import MlflowClient
+
+    bound_http_waits()
+    return MlflowClient(tracking_uri=handle.tracking_uri)
+
+
 def ensure_experiment(client, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if needed; tagged as a model-training experiment
     (:data:`EXPERIMENT_KIND_TAG`) whether it is new or reused."""
@@ -245,7 +255,6 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
     """Log finite numeric metrics at ``step`` (non-finite values are skipped: MLflow rejects NaN)."""
     import time
 
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -255,18 +264,17 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
         if isinstance(value, int | float) and math.isfinite(float(value))
     ]
     if batch:
-        MlflowClient(tracking_uri=handle.tracking_uri).log_batch(handle.run_id, metrics=batch)
+        run_client(handle).log_batch(handle.run_id, metrics=batch)
 
 
 def log_params(handle: RunHandle, params: dict[str, str]) -> None:
     """Log params the driver cannot know (what a worker resolved on its own hardware). A resumed
     run that resolves a different value keeps the first one and says so (MLflow params are
     immutable)."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    client = run_client(handle)
     logged = client.get_run(handle.run_id).data.params
     new = {k: str(v) for k, v in params.items() if k not in logged}
     for key in sorted(set(params) - set(new)):
@@ -284,9 +292,7 @@ def log_params(handle: RunHandle, params: dict[str, str]) -> None:
 
 def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
     """Set (or overwrite) tags of the run."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    client = run_client(handle)
     for key, value in tags.items():
         client.set_tag(handle.run_id, key, value)
 
@@ -297,15 +303,11 @@ def metric_buffer(handle: RunHandle, **kwargs: Any) -> MetricBuffer:
 
 
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=handle.tracking_uri).set_terminated(handle.run_id, status=status)
+    run_client(handle).set_terminated(handle.run_id, status=status)
 
 
 def log_artifact_file(handle: RunHandle, path: str, artifact_path: str | None = None) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=handle.tracking_uri).log_artifact(handle.run_id, path, artifact_path)
+    run_client(handle).log_artifact(handle.run_id, path, artifact_path)
 
 
 def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "model") -> str:
