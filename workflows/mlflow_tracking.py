@@ -8,6 +8,7 @@ server (``$MLFLOW_TRACKING_URI`` only when the config leaves it empty). All call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -83,7 +84,37 @@ def client_for(uri: str):
     # registry follows it (setting a registry URI too would pin it for the whole process,
     # and a later set_tracking_uri elsewhere would then load models from the wrong registry).
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _sqlite_store_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+            client.search_experiments(max_results=1)  # creates the tracking store's tables
+            client.search_registered_models(max_results=1)  # and the registry's
+            _READY_STORES.add(uri)
+    return client
+
+
+_READY_STORES: set[str] = set()
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """An exclusive file lock beside a SQLite store while this process first opens it. MLflow
+    creates (migrates) the tables on first use, and two commands started at once on a new store
+    both ran the migrations: both died (``table ... already exists``, "Online migration
+    expected to match one row") with a traceback."""
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        yield
+        return
+    import fcntl
+
+    db_path = uri[len("sqlite:///") :]
+    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    with open(f"{db_path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_client(handle: RunHandle):

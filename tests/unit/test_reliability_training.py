@@ -251,3 +251,24 @@ def test_the_experiment_is_tagged_as_model_development_when_created_or_reused(st
     for exp_id in (new_id, old_id):
         tags = client.get_experiment(exp_id).tags
         assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def _first_use_of_the_store(uri: str) -> str:
+    from workflows.mlflow_tracking import client_for, ensure_experiment
+
+    try:
+        ensure_experiment(client_for(uri), "pose2seg", uri)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return "ok"
+
+
+def test_commands_started_at_once_on_a_new_sqlite_store_both_create_it(tmp_path):
+    """Two ``train.py`` started at once on a new ``mlflow.db`` both ran MLflow's migrations
+    and both died (exit 1, a traceback) — seen re-running the battery."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        outcomes = pool.map(_first_use_of_the_store, [uri] * 3)
+    assert outcomes == ["ok"] * 3, outcomes
