@@ -145,6 +145,9 @@ class LocalCluster:
         # A lost node is declared dead after about 3 s instead of Ray's default 15+ s.
         env.setdefault("RAY_health_check_period_ms", "1000")
         env.setdefault("RAY_health_check_failure_threshold", "3")
+        # The head's dashboard starts 9 module processes: on a loaded 2-core machine that took
+        # longer than Ray's 60 s and `ray start --head` failed.
+        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
         env.pop("RAY_ADDRESS", None)
         return env
 
@@ -169,7 +172,7 @@ class LocalCluster:
             f"--runtime-env-agent-port={free_port()}",
             f"--metrics-export-port={free_port()}",
         ]
-        done = subprocess.run(cmd, env=self.node_env(), capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cmd, env=self.node_env(), capture_output=True, text=True, timeout=420)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed for {node.name}: {done.stdout}{done.stderr}")
         self.nodes.append(node)
