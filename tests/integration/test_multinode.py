@@ -434,7 +434,7 @@ def test_tune_across_nodes_asha_stops_the_worse_trial_and_a_lost_trial_continues
         "train.lr": 0.0005,
     }
     proc = command(cluster, "tune.py", overrides, "--no-register")
-    wait_for_epoch(bucket, f"runs/{name}-", 1, proc, runs=2)
+    wait_for_epoch(bucket, f"runs/{name}-", 1, proc, runs=2, timeout=RUN_TIMEOUT_S)
     first_runs = set(_search_runs(bucket, name))
     lane_b = next(n for n in cluster.nodes if "lane_b" in n.resources)
     lane_a = next(n for n in cluster.nodes if "lane_a" in n.resources)
