@@ -120,7 +120,10 @@ def placement_error(exc: BaseException, config: Any, run_name: str) -> WorkersNo
     attempts = placement_retry_limit(config.train.placement_timeout_s) + 1
     workers = config.train.min_workers if config.train.elastic else config.train.max_workers
     try:
-        nodes, free = describe_cluster(cluster_nodes()), describe(ray.available_resources())
+        # Placement groups' own resources (CPU_group_<id>, bundle_group_<id>) are not what a
+        # user can ask for: only the plain ones are shown.
+        available = {k: v for k, v in ray.available_resources().items() if "_group_" not in k}
+        nodes, free = describe_cluster(cluster_nodes()), describe(available)
     except Exception:  # pragma: no cover - the cluster itself is gone
         nodes, free = "(unknown: the cluster does not answer)", "unknown"
     return WorkersNotPlacedError(

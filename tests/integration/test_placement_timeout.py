@@ -51,7 +51,10 @@ def test_workers_that_cannot_be_placed_fail_after_the_placement_timeout(
     line = str(err.value)
     assert "\n" not in line
     assert line.startswith("not-placed: its 1 Train worker x (CPU 1) could not be placed in 4 s")
-    assert "2 attempts of 2 s" in line and "free now: CPU 0.5" in line, line
+    # Free: what the held group left (other tests' groups in the shared session may hold more),
+    # never a placement group's own resources.
+    assert "2 attempts of 2 s" in line and "free now: CPU 0." in line, line
+    assert "_group_" not in line, line
     assert elapsed < 60, elapsed
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
     (run,) = client.search_runs(
