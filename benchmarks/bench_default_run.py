@@ -42,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 WARNING_RE = re.compile(r"PYTHON worker processes have been started")
+# Ray's own line (--debug) or the project's ("[pose2seg] started a local Ray instance ...").
+RAY_STARTED_RE = re.compile(r"[Ss]tarted a local Ray instance|[Cc]onnected to (the )?Ray cluster")
 EPOCH_RE = re.compile(r"\[pose2seg\] epoch (\d+)/(\d+)  loss")
 PRECISION_RE = re.compile(r"\[pose2seg\] training precision: (.*)$")
 VALIDATING_RE = re.compile(r"\[pose2seg\] epoch (\d+)/(\d+)  trained .*validating")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in proc.stdout:
         log_lines.append(line)
         sys.stdout.write(line)
-        if "Started a local Ray instance" in line or "Connected to Ray cluster" in line:
+        if RAY_STARTED_RE.search(line):
             mark("ray_started")
         elif line.startswith("preprocess"):
             mark("preprocess_started")

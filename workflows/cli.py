@@ -67,29 +67,60 @@ def init_ray(
 
     ``num_cpus``, ``dashboard`` and ``runtime_env`` apply to a new local instance only (benchmarks
     and tests start a private one without the dashboard); ``progress_bars=False`` silences
-    Ray Data's progress bars."""
+    Ray Data's progress bars. Ray's INFO lines go to its session log folder, not the console
+    (``workflows/console.py``), unless ``--debug`` / ``POSE2SEG_DEBUG=1``; one line says
+    where that folder is."""
     import ray
-    from ray.data import DataContext
+
+    from workflows.console import configure_data_context, prepare_driver
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        quiet = not debug_enabled(None)
+        if not quiet:  # --debug: a local instance's processes (Tune trials) see it too
+            os.environ.setdefault(DEBUG_ENV, "1")
         if address:
             # Inside `ray job submit` RAY_ADDRESS is set; resources come from the cluster.
-            ray.init(address=address, log_to_driver=log_to_driver)
+            extra = prepare_driver(quiet=quiet, local=False)
+            info = ray.init(address=address, log_to_driver=log_to_driver, **extra)
         else:
             _quiet_token_auth_notice()
+            extra = prepare_driver(quiet=quiet, local=True)
             # The dashboard (ray[default]) also serves the State API that Ray Train's controller
             # polls; without it Train prints "Failed to query Ray Train Controller actor state".
-            extra = {} if dashboard else {"include_dashboard": False}
-            ray.init(
+            if not dashboard:
+                extra["include_dashboard"] = False
+            info = ray.init(
                 num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **extra
             )
+        print(_ray_started_line(info, address), flush=True)
+    from ray.data import DataContext  # after prepare_driver: Ray Data reads its logging then
+
     context = DataContext.get_current()
     # A failing Ray Data UDF then raises the user's exception (inside RayTaskError, whose
     # ``cause`` keeps it) instead of a bare "UDF failed to process a data block".
     context.raise_original_map_exception = True
+    configure_data_context(context)
     if not progress_bars:
         context.enable_progress_bars = False
+
+
+def _ray_started_line(info, address: str | None) -> str:
+    """One line for Ray's start: what it is, its CPUs, the dashboard, where its logs are."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    what = (
+        f"connected to the Ray cluster at {address}" if address else "started a local Ray instance"
+    )
+    details = [f"{cpus:g} CPUs"]
+    dashboard_url = getattr(info, "dashboard_url", None)
+    if dashboard_url:
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        details.append(f"dashboard {url}")
+    session = (getattr(info, "address_info", None) or {}).get("session_dir")
+    logs = f"; Ray's own log lines: {os.path.join(session, 'logs')}" if session else ""
+    return f"[pose2seg] {what} ({', '.join(details)}){logs}"
 
 
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"

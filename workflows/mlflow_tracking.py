@@ -315,7 +315,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
 
     from pose2seg.arch import build_model
     from pose2seg.checkpoint import TRAINING_FILE, load_checkpoint
-    from workflows.pyfunc_model import Pose2SegPyfunc, pyfunc_signature
+    from workflows.console import known_mlflow_cautions_silenced
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]
@@ -325,7 +325,13 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     serving_ckpt = os.path.join(serving, "checkpoint")
     # Serve the weights, config, templates and state; not the optimiser state (2x the model).
     shutil.copytree(checkpoint_dir, serving_ckpt, ignore=shutil.ignore_patterns(TRAINING_FILE))
-    with mlflow.start_run(run_id=handle.run_id):
+    # MLflow's cautions about pickled models and a pyfunc without type hints are known and
+    # answered once in docs/TRAINING.md, not at every run; any other warning still shows.
+    # The pyfunc's module is imported inside: MLflow checks the type hints when the class is
+    # defined.
+    with mlflow.start_run(run_id=handle.run_id), known_mlflow_cautions_silenced():
+        from workflows.pyfunc_model import Pose2SegPyfunc, pyfunc_signature
+
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=Pose2SegPyfunc(),

@@ -42,6 +42,8 @@ class PreparedData:
 
 def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
     """Generate (synthetic) and preprocess the dataset if needed; open both Parquet splits."""
+    from ray.data import DataContext
+
     from preprocessing.epoch_reader import list_parquet, whole_split_dataset
     from preprocessing.pipeline import (
         READ_CPUS,
@@ -50,7 +52,10 @@ def prepare_data(config: Config, *, force: bool = False) -> PreparedData:
         preprocess_dataset,
         processed_dir,
     )
+    from workflows.console import configure_data_context
 
+    # Datasets copy the current context when made: in a Tune trial's process too.
+    configure_data_context(DataContext.get_current())
     summary = preprocess_dataset(config, force=force)
 
     # Listed once per run: every epoch's per-rank file slices are cut from this manifest.
@@ -92,9 +97,14 @@ def build_trainer(
     run must restore from an older checkpoint than its newest (unreadable) one."""
     import ray
     import ray.train
+    from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
+    from workflows.cli import debug_enabled
+    from workflows.console import train_logging_config
     from workflows.train_failures import FailFastOnDataErrors
+
+    quiet = not debug_enabled(None)  # --debug / POSE2SEG_DEBUG=1: Ray's INFO lines shown
 
     loop_config = {
         # Plain picklable objects: the typed config and the (T,K,2) float32 templates.
@@ -110,6 +120,7 @@ def build_trainer(
         "val_data": [ray.put(load_validation_data(config))],
         "mlflow": mlflow,
         "resume_plan": resume_plan,
+        "quiet_ray": quiet,
     }
     from workflows.cluster_checks import worker_resources
 
@@ -140,6 +151,7 @@ def build_trainer(
         ),
         # A corrupt shard or checkpoint fails the same way on every retry: fail at once.
         callbacks=[*(callbacks or []), FailFastOnDataErrors()],
+        logging_config=train_logging_config(quiet=quiet),
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -149,7 +161,11 @@ def build_trainer(
         # Training input is read per epoch and per rank (iter_train_batches); only the
         # materialised val split goes through Ray Train, whole to every worker.
         datasets={"val": data.val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # The execution options given (the current context's, what Ray Train would copy):
+        # Ray Train's own copy sets a deprecated field and warns in its DatasetManager.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=DataContext.get_current().execution_options
+        ),
     )
 
 

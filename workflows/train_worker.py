@@ -358,6 +358,13 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
         metrics_log=metric_buffer(handle) if handle is not None else None,
     )
     if rank == 0:
+        # Ray Train's own "Started training worker group" line is off the console (console.py);
+        # this one says it each time a worker group starts (a restart, an elastic resize).
+        nodes = len(set(worker.node_ids))
+        say(
+            f"[pose2seg] {world} training worker{'s' if world != 1 else ''} started on "
+            f"{nodes} node{'s' if nodes != 1 else ''}"
+        )
         say(f"[pose2seg] training precision: {precision.describe()}")
         if handle is not None:
             _best_effort(
@@ -391,6 +398,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker. ``loop_config``: ``config`` (a Config), ``templates``
     ((T,K,2) float32), ``steps_per_epoch``, ``train_files`` (the Parquet manifest), ``val_data``
     (an object ref), ``mlflow`` (a RunHandle or None), ``read_runtime_env``."""
+    from workflows.console import quiet_train_worker
+
+    # Ray's INFO lines of this worker to its log files only (Ray Train configured its loggers
+    # before this function runs); --debug on the driver leaves them on the console.
+    quiet_train_worker(quiet=loop_config.get("quiet_ray", True))
     state, worker = _setup_worker(loop_config)
     config, first_epoch = worker.config, state.epoch
     stream = train_stream(
