@@ -333,6 +333,14 @@ class TrainConfig:
     elastic_resize_interval_s: float = 60.0
     """Elastic range: how often Ray Train looks for room to grow the worker group (a resize
     restarts the workers from the last checkpoint)."""
+    placement_timeout_s: float = 900.0
+    """How long a run (or a Tune trial) waits, in all, for the cluster to place its Train workers
+    (a node lost and not replaced, resources held by other jobs) before it fails with one line
+    naming what it asked for and what the cluster has; Ray Train retries the placement every
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) until then. 0 = wait as long as it takes
+    (Ray's own behaviour: a fixed-size run whose workers are never placed waits forever). An
+    elastic range only tries once Ray sees room for its minimum, so its wait for that room is
+    not bounded by this."""
     check_resources: bool = True
     """Refuse, before fitting, a request the cluster's nodes can never hold (a worker bigger than
     every node, more workers than fit, no CPU left for the Ray Data reads) and a local storage
@@ -455,6 +463,7 @@ class TrainConfig:
         )
         _one_of(self.elastic_batch, "train.elastic_batch", ("keep_per_worker", "keep_global"))
         _check(self.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s", "must be > 0")
+        _check(self.placement_timeout_s >= 0, "train.placement_timeout_s", "must be >= 0")
         _one_of(self.mixed_precision, "train.mixed_precision", PRECISIONS)
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
@@ -531,6 +540,11 @@ class TuneConfig:
     """Trials running at once."""
     cpus_per_trial_driver: float = 0.5
     """CPU held by each trial's driver (the workers ask for train.cpus_per_worker on top)."""
+    driver_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each trial's driver asks for besides its CPU, e.g. ``{"driver": 1}``
+    to keep the drivers (and their Ray Train controllers, which sit on the driver's node) on a
+    node started with ``--resources '{"driver": N}'``: a stable head rather than a spot worker,
+    so that a lost worker node costs a trial its Train workers only."""
     max_failures: int = 0
     """Times Tune restarts a failed trial (Tune's FailureConfig): a trial whose node is lost
     then continues from its last checkpoint (its Ray Train run and MLflow child run are
@@ -571,6 +585,17 @@ class TuneConfig:
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
         _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", "must be >= 1")
         _check(self.cpus_per_trial_driver > 0, "tune.cpus_per_trial_driver", "must be > 0")
+        _check(
+            isinstance(self.driver_resources, dict)
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                for v in self.driver_resources.values()
+            )
+            and not {"CPU", "GPU"} & set(self.driver_resources),
+            "tune.driver_resources",
+            "must map custom resource names (not CPU/GPU: tune.cpus_per_trial_driver) to "
+            f"amounts > 0, got {self.driver_resources!r}",
+        )
         _check(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
         _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +206,52 @@ def s3_call(operation: str, uri: str) -> Iterator[None]:
             f"({s3_timeouts().describe()}; {type(exc).__name__}); set "
             f"{READ_TIMEOUT_ENV} / {CONNECT_TIMEOUT_ENV} / {MAX_ATTEMPTS_ENV} to change them"
         ) from None
+
+
+class S3RequestError(OSError):
+    """An S3 request that the endpoint answered with an error (access denied, no such bucket)."""
+
+
+# pyarrow's S3 errors (Arrow's s3fs): "When getting information for key 'k' in bucket 'b': AWS
+# Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect to server"
+_PYARROW_S3 = re.compile(r"AWS Error (?P<kind>[A-Z_]+)\b.*? during (?P<op>\w+) operation: ?(?P<detail>.*)")
+_KEY_IN_BUCKET = re.compile(r"key '(?P<key>[^']*)' in bucket '(?P<bucket>[^']*)'")
+_BUCKET = re.compile(r"bucket '(?P<bucket>[^']*)'")
+_CURL_TIMEOUT = 28  # curl's "Timeout was reached": connected (or not) and nothing came back
+
+
+def explain_s3_error(exc: BaseException) -> BaseException:
+    """A pyarrow S3 error (Ray Data's and pyarrow's reads and writes of ``s3://`` Parquet)
+    rebuilt to name the endpoint and the URI, as :func:`s3_call` does for boto3: an endpoint
+    that refused or never answered -> :class:`S3UnreachableError` with the same line; an
+    error answer -> :class:`S3RequestError`. Any other exception is returned unchanged."""
+    if not isinstance(exc, OSError) or isinstance(exc, S3UnreachableError | S3RequestError):
+        return exc
+    text = " ".join(str(exc).split())
+    match = _PYARROW_S3.search(text)
+    if match is None or "S3 endpoint " in text:  # not pyarrow's, or already named
+        return exc
+    where = _KEY_IN_BUCKET.search(text) or _BUCKET.search(text)
+    if where is None:
+        uri = "S3"
+    elif "key" in where.groupdict():
+        uri = f"{S3_SCHEME}{where['bucket']}/{where['key']}".rstrip("/")
+    else:
+        uri = f"{S3_SCHEME}{where['bucket']}"
+    endpoint = endpoint_url() or "AWS S3"
+    operation, detail = match["op"], match["detail"].strip() or match["kind"]
+    curl = re.search(r"curlCode: (\d+)", text)
+    if match["kind"] == "NETWORK_CONNECTION" or curl is not None:
+        never = curl is not None and int(curl.group(1)) == _CURL_TIMEOUT
+        what = "never answered" if never else "could not be reached"
+        return S3UnreachableError(
+            f"S3 endpoint {endpoint} {what} for {operation} of {uri} "
+            f"({s3_timeouts().describe()}; pyarrow: {detail}); set "
+            f"{READ_TIMEOUT_ENV} / {CONNECT_TIMEOUT_ENV} / {MAX_ATTEMPTS_ENV} to change them"
+        )
+    return S3RequestError(
+        f"S3 endpoint {endpoint} answered {operation} of {uri} with {match['kind']}: {detail}"
+    )
 
 
 def _is_missing(exc: Exception) -> bool:

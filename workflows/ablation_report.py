@@ -47,7 +47,7 @@ def write_ablation_report(rows: list[dict[str, Any]], keys: list[str], out_dir: 
     per_option = []
     for key in keys:
         for value in sorted({json.dumps(r.get(key)) for r in rows}):
-            sel = [r for r in rows if json.dumps(r.get(key)) == value and r["status"] == "OK"]
+            sel = [r for r in rows if json.dumps(r.get(key)) == value and r["status"] != "ERROR"]
             aps = [r[VAL_METRIC] for r in sel if r[VAL_METRIC] == r[VAL_METRIC]]
             occ = [
                 r["val_occluded_segm_ap"]

@@ -91,7 +91,10 @@ def init_ray(
             if not dashboard:
                 extra["include_dashboard"] = False
             info = ray.init(
-                num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **extra
+                num_cpus=num_cpus,
+                log_to_driver=log_to_driver,
+                runtime_env=with_cluster_address(runtime_env),
+                **extra,
             )
         print(_ray_started_line(info, address), flush=True)
     from ray.data import DataContext  # after prepare_driver: Ray Data reads its logging then
@@ -121,6 +124,32 @@ def _ray_started_line(info, address: str | None) -> str:
     session = (getattr(info, "address_info", None) or {}).get("session_dir")
     logs = f"; Ray's own log lines: {os.path.join(session, 'logs')}" if session else ""
     return f"[pose2seg] {what} ({', '.join(details)}){logs}"
+
+
+def with_cluster_address(runtime_env: dict | None) -> dict:
+    """``runtime_env`` plus a worker setup hook (:func:`set_cluster_address`) that tells every
+    worker process of the new local instance which Ray cluster it belongs to."""
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", set_cluster_address)
+    return env
+
+
+def set_cluster_address() -> None:
+    """In a Ray worker process: ``RAY_ADDRESS`` = the GCS address of the worker's own cluster.
+
+    Ray's State API (``ray.util.state``), called without an address, otherwise looks for a Ray
+    instance on the machine: Ray Train's placement-group cleaner (a detached actor started for
+    every fit, which polls the controller's state) then finds two GCS processes when a second
+    local instance runs beside ours (another command, a notebook, a test session) and dies
+    with a 30-line "Found multiple active Ray instances" traceback on the console (and stops
+    watching the controller). With the address set it asks its own cluster."""
+    import ray
+
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # a raising setup hook would stop every worker: without it, Ray's default
+        return
+    os.environ["RAY_ADDRESS"] = address
 
 
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
@@ -298,7 +327,11 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     except SystemExit:
         raise
     except BaseException as exc:
-        cause = root_cause(exc)
+        from preprocessing.storage import explain_s3_error
+
+        # pyarrow's S3 errors (Ray Data's Parquet reads and writes) name the operation and the
+        # key, not the endpoint: the line names both, as for boto3 calls.
+        cause = explain_s3_error(root_cause(exc))
         if debug_enabled(argv) or not isinstance(cause, _expected_types()):
             raise
         print(error_line(cause), file=sys.stderr)

@@ -95,11 +95,14 @@ def check_resources(
     nodes: list[NodeInfo],
     *,
     driver_cpus: float = 0.0,
+    driver_resources: dict[str, float] | None = None,
     data_cpus: float | None = None,
     what: str = "train",
 ) -> None:
     """Raise :class:`UnsatisfiableRequestError` (one line: what was asked, what each node has)
-    unless the cluster can place, at once, a driver of ``driver_cpus`` CPUs (a Tune trial's), at
+    unless the cluster can place, at once, a driver of ``driver_cpus`` CPUs and
+    ``driver_resources`` (a Tune trial's: ``tune.cpus_per_trial_driver``,
+    ``tune.driver_resources``), at
     least ``train.num_workers`` (the range's minimum) workers of :func:`worker_resources` under
     ``train.placement_strategy``, and still one Parquet read task (``data_cpus``; default
     ``preprocessing.pipeline.READ_CPUS`` with ``train.input_reader=ray_data``, else none)
@@ -113,12 +116,14 @@ def check_resources(
         # workers start (measured: 2 workers x 1 CPU on a 2-CPU instance finish).
         data_cpus = READ_CPUS if config.train.input_reader == "ray_data" else 0.0
     want = worker_resources(config)
+    driver = {"CPU": float(driver_cpus), **(driver_resources or {})}
     workers = config.train.min_workers
     strategy = config.train.placement_strategy
     asked = (
         f"{what} asks for {workers} worker{'s' if workers != 1 else ''} x ({describe(want)})"
         f"{' (the minimum of train.num_workers)' if config.train.elastic else ''}"
         f"{f' + a {driver_cpus:g}-CPU trial driver' if driver_cpus > 0 else ''}"
+        f"{f' ({describe(driver_resources)})' if driver_cpus > 0 and driver_resources else ''}"
         f", placement {strategy}"
         f"{f', + {data_cpus:g} CPU for the Ray Data reads' if data_cpus > 0 else ''}"
     )
@@ -135,12 +140,13 @@ def check_resources(
     # free for the read tasks); STRICT_SPREAD takes one worker per node.
     free = [dict(n.resources) for n in sorted(nodes, key=lambda n: -n.resources.get("CPU", 0))]
     if driver_cpus > 0:
-        spot = next((f for f in free if _fits(f, {"CPU": driver_cpus})), None)
+        spot = next((f for f in free if _fits(f, driver)), None)
         if spot is None:
             raise UnsatisfiableRequestError(
-                f"{asked}: no node can hold the trial driver (tune.cpus_per_trial_driver); {has}"
+                f"{asked}: no node can hold the trial driver (tune.cpus_per_trial_driver / "
+                f"tune.driver_resources); {has}"
             )
-        _take(spot, {"CPU": driver_cpus})
+        _take(spot, driver)
     placed = 0
     for f in free:
         while placed < workers and _fits(f, want):
@@ -206,11 +212,40 @@ def check_shared_storage(config: Config, nodes: list[NodeInfo], *, what: str = "
 
 
 def check_cluster(
-    config: Config, *, driver_cpus: float = 0.0, what: str = "train", nodes: Any = None
+    config: Config,
+    *,
+    driver_cpus: float = 0.0,
+    driver_resources: dict[str, float] | None = None,
+    what: str = "train",
+    nodes: Any = None,
 ) -> list[NodeInfo]:
     """Both checks against the connected cluster (``train.check_resources``); returns its nodes."""
     nodes = cluster_nodes() if nodes is None else nodes
     if config.train.check_resources:
         check_shared_storage(config, nodes, what=what)
-        check_resources(config, nodes, driver_cpus=driver_cpus, what=what)
+        check_resources(
+            config, nodes, driver_cpus=driver_cpus, driver_resources=driver_resources, what=what
+        )
     return nodes
+
+
+def state_api_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the connected cluster's dashboard, which serves Ray's state API, answers. Ray
+    Train's placement-group cleaner watches the controllers through that API: without it, the
+    workers' resources of a Ray Train run whose controller died (a Tune trial stopped by ASHA,
+    a driver lost with its node) stay held until the job ends."""
+    import urllib.request
+
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()  # empty when the head runs none
+    except Exception:
+        return False
+    if not url:
+        return False
+    try:
+        with urllib.request.urlopen(f"http://{url}/api/gcs_healthz", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

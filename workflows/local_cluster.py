@@ -129,6 +129,7 @@ class LocalCluster:
     port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     nodes: list[NodeProcess] = field(default_factory=list)
+    dashboard_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -144,6 +145,9 @@ class LocalCluster:
         # A lost node is declared dead after about 3 s instead of Ray's default 15+ s.
         env.setdefault("RAY_health_check_period_ms", "1000")
         env.setdefault("RAY_health_check_failure_threshold", "3")
+        # The head's dashboard starts 9 module processes: on a loaded 2-core machine that took
+        # longer than Ray's 60 s and `ray start --head` failed.
+        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
         env.pop("RAY_ADDRESS", None)
         return env
 
@@ -168,7 +172,7 @@ class LocalCluster:
             f"--runtime-env-agent-port={free_port()}",
             f"--metrics-export-port={free_port()}",
         ]
-        done = subprocess.run(cmd, env=self.node_env(), capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cmd, env=self.node_env(), capture_output=True, text=True, timeout=420)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed for {node.name}: {done.stdout}{done.stderr}")
         self.nodes.append(node)
@@ -197,15 +201,39 @@ class LocalCluster:
                 )
             time.sleep(1)
 
-    def start_head(self, *, num_cpus: float = 1, resources: dict[str, float] | None = None):
+    def start_head(
+        self,
+        *,
+        num_cpus: float = 1,
+        resources: dict[str, float] | None = None,
+        dashboard: bool = True,
+    ):
+        """The head node. With its dashboard (as ``ray start --head`` starts one by default), on a
+        free loopback port: Ray's state API is served by it, and Ray Train's placement-group
+        cleaner needs that API to free the workers of a run whose controller died (a Tune trial
+        stopped by ASHA or lost with its node); without it they stay held until the job ends."""
         head = NodeProcess("head", free_port(), dict(resources or {}), num_cpus, head=True)
+        self.dashboard_port = free_port() if dashboard else None
+        if dashboard:
+            # The cleaner runs on the head and finds the API by auto-detection, which fails
+            # while other Ray instances run on the machine ("Found multiple active Ray
+            # instances"): every process of the cluster is told where it is.
+            self.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{self.dashboard_port}"
         self._start(
             head,
             [
                 "--head",
                 f"--port={self.port}",
                 f"--temp-dir={self.temp_dir}",
-                "--include-dashboard=false",
+                *(
+                    [
+                        "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={self.dashboard_port}",
+                    ]
+                    if dashboard
+                    else ["--include-dashboard=false"]
+                ),
                 f"--ray-client-server-port={free_port()}",
             ],
         )
@@ -218,22 +246,33 @@ class LocalCluster:
         self._start(node, [f"--address={self.address}"])
         return node  # its node_id is set by wait_for_nodes()
 
-    def alive_nodes(self) -> list[dict]:
-        """``ray.nodes()`` of the cluster's alive nodes, read by a short child process (the
-        caller may hold another Ray instance)."""
+    def _query(self, expression: str, what: str):
+        """The JSON value of a Python ``expression`` over ``ray``, evaluated by a short child
+        process connected to the cluster (the caller may hold another Ray instance)."""
         code = (
             "import json, ray; ray.init(address='auto', logging_level='ERROR', "
-            "log_to_driver=False); print(json.dumps([{k: n[k] for k in "
-            "('NodeID', 'NodeManagerPort', 'Alive', 'Resources')} for n in ray.nodes() "
-            "if n['Alive']]))"
+            f"log_to_driver=False); print(json.dumps({expression}))"
         )
         env = {**self.node_env(), "RAY_ADDRESS": self.address}
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
-            raise RuntimeError(f"cannot list the cluster's nodes: {done.stderr[-2000:]}")
+            raise RuntimeError(f"cannot read {what}: {done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def alive_nodes(self) -> list[dict]:
+        """``ray.nodes()`` of the cluster's alive nodes."""
+        return self._query(
+            "[{k: n[k] for k in ('NodeID', 'NodeManagerPort', 'Alive', 'Resources')} "
+            "for n in ray.nodes() if n['Alive']]",
+            "the cluster's nodes",
+        )
+
+    def available_resources(self) -> dict[str, float]:
+        """``ray.available_resources()`` of the cluster: what no task, actor or placement group
+        holds now."""
+        return self._query("ray.available_resources()", "the cluster's free resources")
 
     def node_of_pid(self, pid: int) -> NodeProcess | None:
         """The node whose raylet started process ``pid`` (a Train worker, a Tune trial)."""

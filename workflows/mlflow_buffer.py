@@ -186,6 +186,7 @@ def backfill_epoch_metrics(
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    bound_http_waits()
     client = MlflowClient(tracking_uri=handle.tracking_uri)
     now = int(time.time() * 1000)
     wanted: dict[str, list[Metric]] = {}

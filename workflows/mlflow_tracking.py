@@ -8,6 +8,7 @@ server (``$MLFLOW_TRACKING_URI`` only when the config leaves it empty). All call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,10 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 """MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage);
 with it, on "Training runs"."""
+PYFUNC_CODE_PACKAGES = ("pose2seg", "preprocessing", "workflows")
+"""The project's packages copied into a logged pyfunc model (its ``code_paths``): every one the
+pyfunc imports, so that a model served where the project is not installed still loads and
+answers (the image decoding and its error reasons come from ``preprocessing.schema``)."""
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -79,7 +84,47 @@ def client_for(uri: str):
     # registry follows it (setting a registry URI too would pin it for the whole process,
     # and a later set_tracking_uri elsewhere would then load models from the wrong registry).
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _sqlite_store_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+            client.search_experiments(max_results=1)  # creates the tracking store's tables
+            client.search_registered_models(max_results=1)  # and the registry's
+            _READY_STORES.add(uri)
+    return client
+
+
+_READY_STORES: set[str] = set()
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """An exclusive file lock beside a SQLite store while this process first opens it. MLflow
+    creates (migrates) the tables on first use, and two commands started at once on a new store
+    both ran the migrations: both died (``table ... already exists``, "Online migration
+    expected to match one row") with a traceback."""
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        yield
+        return
+    import fcntl
+
+    db_path = uri[len("sqlite:///") :]
+    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    with open(f"{db_path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_client(handle: RunHandle):
+    """An ``MlflowClient`` for the run's tracking store with bounded HTTP waits, in whatever
+    process it runs: a Ray Train worker or a Tune trial makes MLflow calls (params, tags, the
+    end of its run) that must not wait MLflow's default 4-5 minutes for a dead server."""
+    from mlflow import MlflowClient
+
+    bound_http_waits()
+    return MlflowClient(tracking_uri=handle.tracking_uri)
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -241,7 +286,6 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
     """Log finite numeric metrics at ``step`` (non-finite values are skipped: MLflow rejects NaN)."""
     import time
 
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -251,18 +295,17 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], *, step: int) -> N
         if isinstance(value, int | float) and math.isfinite(float(value))
     ]
     if batch:
-        MlflowClient(tracking_uri=handle.tracking_uri).log_batch(handle.run_id, metrics=batch)
+        run_client(handle).log_batch(handle.run_id, metrics=batch)
 
 
 def log_params(handle: RunHandle, params: dict[str, str]) -> None:
     """Log params the driver cannot know (what a worker resolved on its own hardware). A resumed
     run that resolves a different value keeps the first one and says so (MLflow params are
     immutable)."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    client = run_client(handle)
     logged = client.get_run(handle.run_id).data.params
     new = {k: str(v) for k, v in params.items() if k not in logged}
     for key in sorted(set(params) - set(new)):
@@ -280,9 +323,7 @@ def log_params(handle: RunHandle, params: dict[str, str]) -> None:
 
 def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
     """Set (or overwrite) tags of the run."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=handle.tracking_uri)
+    client = run_client(handle)
     for key, value in tags.items():
         client.set_tag(handle.run_id, key, value)
 
@@ -293,15 +334,11 @@ def metric_buffer(handle: RunHandle, **kwargs: Any) -> MetricBuffer:
 
 
 def end_run(handle: RunHandle, status: str = "FINISHED") -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=handle.tracking_uri).set_terminated(handle.run_id, status=status)
+    run_client(handle).set_terminated(handle.run_id, status=status)
 
 
 def log_artifact_file(handle: RunHandle, path: str, artifact_path: str | None = None) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=handle.tracking_uri).log_artifact(handle.run_id, path, artifact_path)
+    run_client(handle).log_artifact(handle.run_id, path, artifact_path)
 
 
 def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "model") -> str:
@@ -318,7 +355,7 @@ def log_pose2seg_model(handle: RunHandle, checkpoint_dir: str, *, name: str = "m
     from workflows.console import known_mlflow_cautions_silenced
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code_paths = [os.path.join(repo, "pose2seg"), os.path.join(repo, "workflows")]
+    code_paths = [os.path.join(repo, package) for package in PYFUNC_CODE_PACKAGES]
     loaded = load_checkpoint(checkpoint_dir)
     client_for(handle.tracking_uri)
     serving = tempfile.mkdtemp(prefix="pose2seg-model-")

@@ -24,7 +24,6 @@ other exception becomes a generic error.
 
 from __future__ import annotations
 
-import io
 import json
 
 import mlflow.pyfunc
@@ -72,14 +71,17 @@ def parse_keypoints(text: str, *, image_id: int) -> np.ndarray:
         raise ValueError(f"image_id {image_id}: keypoints: {exc}") from None
 
 
-def decode_image(data: bytes, *, image_id: int) -> np.ndarray:
-    from PIL import Image
+def decode_image(data: bytes, *, image_id: int, max_pixels: int = 0) -> np.ndarray:
+    """The ``image`` column's bytes -> (H, W, 3) uint8; raises ValueError naming the image id
+    with the Serve application's reason (:func:`workflows.serve_request.decode_image_field`)."""
+    from workflows.serve_request import RequestError, decode_image_field
 
+    if not isinstance(data, bytes | bytearray):
+        raise ValueError(f"image_id {image_id}: image: expected the bytes of a PNG/JPEG file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
-    except Exception as exc:  # PIL raises many types for bad bytes
-        raise ValueError(f"image_id {image_id}: the image bytes cannot be decoded: {exc}") from None
+        return decode_image_field(bytes(data), "image", max_pixels)
+    except RequestError as exc:
+        raise ValueError(f"image_id {image_id}: {exc}") from None
 
 
 class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
@@ -126,7 +128,9 @@ class Pose2SegPyfunc(mlflow.pyfunc.PythonModel):
                 image_id = int(record.image_id)
             except (TypeError, ValueError):
                 raise ValueError(f"image_id must be an integer, got {record.image_id!r}") from None
-            pixels = decode_image(record.image, image_id=image_id)
+            pixels = decode_image(
+                record.image, image_id=image_id, max_pixels=self.config.serve.max_image_pixels
+            )
             keypoints = parse_keypoints(record.keypoints, image_id=image_id)
             margin = self.config.data.keypoint_margin_fraction
             for index, why in outside_image_rejects(

@@ -37,7 +37,11 @@ class SegmentRequest:
     overlay: bool
 
 
-def _decode_image(data: bytes, where: str, max_pixels: int) -> np.ndarray:
+def decode_image_field(data: bytes, where: str, max_pixels: int) -> np.ndarray:
+    """The image bytes of a request -> ``(H, W, 3)`` uint8, or a :class:`RequestError` whose
+    one-line reason names ``where`` (the field, or the ``image_uri``): 413 above
+    ``max_pixels`` (``serve.max_image_pixels``, read from the header before decoding), 400 for
+    bytes that are not an image. The Serve application and the MLflow pyfunc both use it."""
     from preprocessing.schema import ImageDecodeError, ImageTooLargeError, decode_image
 
     try:
@@ -120,7 +124,7 @@ def parse_request(body: Any, *, limits: ServeConfig | None = None, read_uri=None
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError("image: not valid base64") from None
-        pixels = _decode_image(data, "image", limits.max_image_pixels)
+        pixels = decode_image_field(data, "image", limits.max_image_pixels)
     else:
         uri = body["image_uri"]
         if not isinstance(uri, str) or not uri:
@@ -133,7 +137,7 @@ def parse_request(body: Any, *, limits: ServeConfig | None = None, read_uri=None
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RequestError(f"image_uri {uri!r}: cannot be read ({reason})") from None
-        pixels = _decode_image(data, f"image_uri {uri!r}", limits.max_image_pixels)
+        pixels = decode_image_field(data, f"image_uri {uri!r}", limits.max_image_pixels)
     keypoints = None
     if "keypoints" in body:
         people = body["keypoints"]

@@ -102,7 +102,7 @@ def build_trainer(
 
     from workflows.cli import debug_enabled
     from workflows.console import train_logging_config
-    from workflows.train_failures import FailFastOnDataErrors
+    from workflows.train_failures import FailFastOnDataErrors, placement_retry_limit
 
     quiet = not debug_enabled(None)  # --debug / POSE2SEG_DEBUG=1: Ray's INFO lines shown
 
@@ -143,7 +143,12 @@ def build_trainer(
         name=run_name,
         storage_path=_storage_path(config.train.storage_path),
         storage_filesystem=_storage_filesystem(config.train.storage_path),
-        failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        failure_config=ray.train.FailureConfig(
+            max_failures=config.train.max_failures,
+            # Bounded: a worker group that cannot be placed fails the run after
+            # train.placement_timeout_s (Ray Train alone retries for ever).
+            controller_failure_limit=placement_retry_limit(config.train.placement_timeout_s),
+        ),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=config.train.num_to_keep,
             checkpoint_score_attribute=VAL_METRIC,
@@ -401,6 +406,11 @@ def run_training(
             f"continue it with --resume {run_name}",
             flush=True,
         )
+        from workflows.train_failures import placement_error
+
+        not_placed = placement_error(exc, config, run_name)
+        if not_placed is not None:
+            raise not_placed from exc
         raise
     for path in prune_unregistered_checkpoints(result):
         print(f"[pose2seg] removed {path}: a checkpoint its failed attempt never registered")

@@ -7,6 +7,12 @@ restarts, a minute of work, and then an error that names no file). :class:`FailF
 runs in Ray Train's controller and ends the run at the first such error, which then reaches
 the command as its own one-line message (exit code 2).
 
+A run whose Train workers cannot be placed (a lost node not replaced, resources another job
+or a stopped trial still holds) waits at most ``train.placement_timeout_s``:
+:func:`placement_retry_limit` turns it into Ray Train's limit on start-up retries (by default
+it retries for ever), and :func:`placement_error` turns Ray Train's give-up into one line that
+says what was asked and what the cluster has (:class:`WorkersNotPlacedError`, exit code 2).
+
 ``--resume`` of a run whose newest checkpoint is unreadable (a truncated ``training.pt``, a
 copy cut short): :func:`choose_resume_checkpoint`, in the driver, checks the run's checkpoints
 newest first and names the newest readable one; the workers then restore from it instead of the
@@ -15,6 +21,7 @@ one Ray Train would hand them (:func:`resume_checkpoint`), and the driver says s
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -66,6 +73,63 @@ class FailFastOnDataErrors(ray.train.UserCallback):
             found = data_error(worker_exceptions[rank])
             if found is not None:
                 raise ray.train.ControllerError(found)
+
+
+# Ray Train's own setting: how long one attempt to place the worker group waits (seconds).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0
+
+
+def start_timeout_s() -> float:
+    """Seconds one placement attempt of Ray Train waits (its env setting, read as it reads it)."""
+    try:
+        return float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_START_TIMEOUT_S
+
+
+def placement_retry_limit(placement_timeout_s: float) -> int:
+    """``FailureConfig(controller_failure_limit=...)`` for ``train.placement_timeout_s``: the
+    placement attempts after the first, so that all of them together last about the timeout
+    (-1, no limit, for 0). Ray Train counts them over the whole run."""
+    if placement_timeout_s <= 0:
+        return -1
+    return max(0, math.ceil(placement_timeout_s / start_timeout_s()) - 1)
+
+
+class WorkersNotPlacedError(TimeoutError):
+    """The run's Train workers were not placed within ``train.placement_timeout_s``."""
+
+
+def _placement_gave_up(exc: BaseException) -> bool:
+    """``fit()`` raised Ray Train's ``ControllerError`` for a worker group that never started
+    (by class name: no import of Ray Train's internals)."""
+    failure = getattr(exc, "controller_failure", None)
+    return failure is not None and type(failure).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def placement_error(exc: BaseException, config: Any, run_name: str) -> WorkersNotPlacedError | None:
+    """The one-line error for ``exc`` when it is Ray Train giving up on placing the workers
+    of ``run_name`` (else None): what the run asked for, for how long, what the cluster has."""
+    if not _placement_gave_up(exc):
+        return None
+    import ray
+
+    from workflows.cluster_checks import cluster_nodes, describe, describe_cluster, worker_resources
+
+    attempts = placement_retry_limit(config.train.placement_timeout_s) + 1
+    workers = config.train.min_workers if config.train.elastic else config.train.max_workers
+    try:
+        nodes, free = describe_cluster(cluster_nodes()), describe(ray.available_resources())
+    except Exception:  # pragma: no cover - the cluster itself is gone
+        nodes, free = "(unknown: the cluster does not answer)", "unknown"
+    return WorkersNotPlacedError(
+        f"{run_name}: its {workers} Train worker{'s' if workers != 1 else ''} x "
+        f"({describe(worker_resources(config))}) could not be placed in "
+        f"{attempts * start_timeout_s():.0f} s (train.placement_timeout_s="
+        f"{config.train.placement_timeout_s:g}; {attempts} attempt{'s' if attempts != 1 else ''}"
+        f" of {start_timeout_s():.0f} s): the cluster has {nodes}; free now: {free}"
+    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """What the training job's driver does once ``fit`` returned (:func:`finish_tracking`: deliver
-what the MLflow run lacks, log the best checkpoint as the model, register it, end the run), the
-error when the tracking server never came back (:class:`TrackingUnavailableError`), and the
-removal of checkpoint folders Ray Train never registered (:func:`prune_unregistered_checkpoints`)."""
+what the MLflow run lacks, log the best checkpoint as the model, register it, end the run), what
+a Tune trial's driver does (:func:`finish_trial_run`), the error when the tracking server never
+came back (:class:`TrackingUnavailableError`), and the removal of checkpoint folders Ray Train
+never registered (:func:`prune_unregistered_checkpoints`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from pose2seg.config import Config
 from workflows.coco_metrics import VAL_METRIC
-from workflows.mlflow_buffer import backfill_epoch_metrics
+from workflows.mlflow_buffer import _stderr_line, backfill_epoch_metrics, is_unreachable
 
 
 def prune_unregistered_checkpoints(result) -> list[str]:
@@ -85,6 +86,33 @@ def finish_tracking(  # outcome: a train_driver.TrainOutcome, filled in here
                 config, handle, outcome.model_uri, val_ap=best_ap
             )
     tracking.end_run(handle)
+
+
+def finish_trial_run(handle, result, *, run_name: str, echo=None) -> bool:
+    """A Tune trial's end of its MLflow run (``handle``) after ``fit`` returned ``result``:
+    deliver what the run lacks (epochs and the metrics rank 0 kept while the tracking server
+    was down), then end it. A server that does not answer (MLflow's waits are bounded) is not
+    the trial's failure: Tune already holds its results, so one warning line and False; the
+    run stays RUNNING until the search's driver (or ``tune.py --resume``) ends it. Any other
+    MLflow error raises. True when the run was ended."""
+    from workflows import mlflow_tracking as tracking
+
+    returned = getattr(result, "return_value", None) or {}
+    undelivered = [tuple(u) for u in returned.get("undelivered", [])]
+    try:
+        backfill_epoch_metrics(handle, returned.get("history", []), undelivered=undelivered)
+        tracking.end_run(handle)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        (echo or _stderr_line)(
+            f"[pose2seg] warning: trial {run_name} finished, but the MLflow tracking server "
+            f"{tracking.redact_uri(handle.tracking_uri)} does not answer ({type(exc).__name__}): "
+            f"its run {handle.run_id} is not ended and may lack metrics; the trial's result "
+            "counts"
+        )
+        return False
+    return True
 
 
 def _checkpoint_history(ckpt) -> list[dict[str, float]]:

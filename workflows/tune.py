@@ -30,6 +30,7 @@ from pose2seg.config import PREPROCESS_KEYS, PREPROCESS_KEYS_IF_SET, Config  # n
 from workflows.ablation_report import write_ablation_report  # noqa: E402
 from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
 from workflows.coco_metrics import VAL_METRIC  # noqa: E402
+from workflows.mlflow_buffer import is_unreachable  # noqa: E402
 
 
 def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
@@ -72,6 +73,7 @@ def trial_driver(params: dict[str, Any]) -> None:
 
     from workflows import mlflow_tracking as tracking
     from workflows.train_driver import build_trainer, prepare_data
+    from workflows.train_finish import finish_trial_run
 
     base = Config.from_flat(params["__base"])
     overrides = trial_overrides(base, params)
@@ -93,6 +95,8 @@ def trial_driver(params: dict[str, Any]) -> None:
         tags={
             "pose2seg.trial_id": trial_id,
             "pose2seg.overrides": json.dumps(overrides, sort_keys=True),
+            # The named trial (tune.trials) this run is, if any.
+            **({"pose2seg.variant": params[TRIAL_PARAM]} if params.get(TRIAL_PARAM) else {}),
         },
     )
     trainer = build_trainer(
@@ -104,8 +108,17 @@ def trial_driver(params: dict[str, Any]) -> None:
     )
     # No end_run on an exception here: when Tune stops a trial (ASHA, or at max_t) fit() may
     # raise too; the driver ends every run from the trial's final status (_close_trial_runs).
-    trainer.fit()
-    tracking.end_run(handle)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        from workflows.train_failures import placement_error
+
+        not_placed = placement_error(exc, config, run_name)
+        if not_placed is not None:  # one line in the search's "failed trial" list
+            raise not_placed from None
+        raise
+    # A tracking server gone by now costs one warning, not the trial: Tune has its results.
+    finish_trial_run(handle, result, run_name=run_name)
 
 
 @dataclass
@@ -120,6 +133,9 @@ class TuneOutcome:
     registration: Any = None
     model_uri: str | None = None
     errors: list[str] = field(default_factory=list)
+    tracking_error: str | None = None
+    """Set when the MLflow tracking server stopped answering before the search's final
+    logging: the one line ``tune.py`` ends with (exit code 2)."""
 
 
 def _storage(config: Config) -> tuple[str, Any]:
@@ -168,12 +184,25 @@ def run_tune(
     from pose2seg.arch import build_model
     from pose2seg.model import count_parameters
     from workflows import mlflow_tracking as tracking
-    from workflows.cluster_checks import check_cluster
+    from workflows.cluster_checks import check_cluster, state_api_reachable
     from workflows.train_driver import new_run_name, prepare_data
 
     for variant in preprocessing_variants(config):
         # A trial no node can hold would wait forever: refuse before any work.
-        check_cluster(variant, driver_cpus=config.tune.cpus_per_trial_driver, what="a tune trial")
+        check_cluster(
+            variant,
+            driver_cpus=config.tune.cpus_per_trial_driver,
+            driver_resources=config.tune.driver_resources,
+            what="a tune trial",
+        )
+    if not state_api_reachable():
+        print(
+            "[pose2seg] warning: this Ray cluster's state API (its dashboard) does not answer, "
+            "so Ray Train cannot free the workers of a trial whose driver is gone (stopped by "
+            "ASHA, lost with its node) until the search ends; start the head with its dashboard "
+            "(the default of `ray start --head`)",
+            flush=True,
+        )
     for variant in preprocessing_variants(config):
         prepare_data(variant)  # preprocess each data variant once, before trials race for it
 
@@ -192,7 +221,10 @@ def run_tune(
         parent = tracking.start_run(config, run_name=name, tags={"pose2seg.kind": "tune"})
     print(f"[pose2seg] tune experiment {name}; MLflow parent run {parent.run_id}", flush=True)
 
-    trainable = tune.with_resources(trial_driver, {"CPU": config.tune.cpus_per_trial_driver})
+    trainable = tune.with_resources(
+        trial_driver,
+        {"CPU": config.tune.cpus_per_trial_driver, **config.tune.driver_resources},
+    )
     if config.tune.trials:
         param_space: dict[str, Any] = {TRIAL_PARAM: tune.grid_search(list(config.tune.trials))}
         report_keys = ["variant"]
@@ -243,7 +275,6 @@ def run_tune(
     grid = tuner.fit()
     print(f"[pose2seg] search finished in {time.time() - t0:.0f} s", flush=True)
 
-    _close_trial_runs(parent, grid)
     rows, errors = [], []
     for result in grid:
         params = _trial_params(result)
@@ -258,12 +289,16 @@ def run_tune(
             if df is not None and VAL_METRIC in df and df[VAL_METRIC].notna().any()
             else None
         )
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         row = {
             "trial": os.path.basename(result.path),
             **{k: overrides.get(k) for k in config.tune.search_space if not config.tune.trials},
             **({"variant": params.get(TRIAL_PARAM)} if config.tune.trials else {}),
-            "status": "ERROR" if result.error else "OK",
-            "epochs": int(df["epoch"].max()) if df is not None and "epoch" in df else 0,
+            # STOPPED: fewer epochs than its schedule without an error (ASHA stopped it).
+            "status": "ERROR"
+            if result.error
+            else ("STOPPED" if epochs < cfg.train.epochs else "OK"),
+            "epochs": epochs,
             VAL_METRIC: best_ap,
             "val_occluded_segm_ap": float(df.loc[best_idx, "val_occluded_segm_ap"])
             if best_idx is not None
@@ -279,12 +314,18 @@ def run_tune(
         if result.error:
             errors.append(f"{row['trial']}: {root_cause(result.error)}")
         rows.append(row)
+    tracking_error: BaseException | None = None
+    try:
+        statuses = {row["trial"]: row["status"] for row in rows}
+        _close_trial_runs(parent, grid, statuses, storage_fs)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        tracking_error = exc  # the report is still written; nothing more is sent to MLflow
 
     report_dir = os.path.join(config.eval.output_dir, name)
     write_ablation_report(rows, report_keys, report_dir)
-    for fname in os.listdir(report_dir):
-        tracking.log_artifact_file(parent, os.path.join(report_dir, fname), "ablation")
-    ok = [r for r in rows if r["status"] == "OK" and r[VAL_METRIC] == r[VAL_METRIC]]
+    ok = [r for r in rows if r["status"] != "ERROR" and r[VAL_METRIC] == r[VAL_METRIC]]
     best = max(ok, key=lambda r: r[VAL_METRIC]) if ok else None
     outcome = TuneOutcome(
         experiment_path=experiment_path,
@@ -294,13 +335,45 @@ def run_tune(
         report_dir=report_dir,
         errors=errors,
     )
+    try:
+        if tracking_error is None:
+            _log_search(config, parent, outcome, storage_fs, register)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        tracking_error = exc
+    if tracking_error is not None:
+        outcome.tracking_error = _tracking_error_line(name, parent, outcome, tracking_error)
+    return outcome
+
+
+def _log_search(config: Config, parent, outcome: TuneOutcome, storage_fs, register) -> None:
+    """The search's final logging into its parent run: the report, the best trial's AP and
+    model (registered unless told not to), then the run ended."""
+    from workflows import mlflow_tracking as tracking
+
+    for fname in os.listdir(outcome.report_dir):
+        tracking.log_artifact_file(parent, os.path.join(outcome.report_dir, fname), "ablation")
+    best = outcome.best
     if best is not None:
         tracking.log_metrics(parent, {"best_val_segm_ap": best[VAL_METRIC]}, step=0)
         outcome.model_uri, outcome.registration = _log_best(
             config, parent, best, storage_fs, register
         )
     tracking.end_run(parent)
-    return outcome
+
+
+def _tracking_error_line(name: str, parent, outcome: TuneOutcome, exc: BaseException) -> str:
+    from workflows.mlflow_tracking import redact_uri
+
+    best = outcome.best["checkpoint_path"] if outcome.best else "none (no trial succeeded)"
+    return (
+        f"search {name} finished and its report is in {outcome.report_dir}, but the MLflow "
+        f"tracking server {redact_uri(parent.tracking_uri)} does not answer "
+        f"({type(exc).__name__}), so its parent run lacks the report and the best model is "
+        f"not registered; best checkpoint: {best}; when the server is back, "
+        f"`python workflows/tune.py --resume {name}` logs and registers them"
+    )
 
 
 def _log_best(config: Config, parent, best: dict[str, Any], storage_fs, register: bool | None):
@@ -336,20 +409,59 @@ def _trial_params(result) -> dict[str, Any]:
         return {}
 
 
-def _close_trial_runs(parent, grid) -> None:
-    """End the trials' MLflow runs that Tune stopped before their driver could (ASHA stops a
-    trial by ending its actor, so the code after ``fit()`` never runs)."""
+def _last_checkpoint(result, storage_fs):
+    """The newest checkpoint a trial reported (its ``checkpoint_path`` metric), or None."""
+    import ray.train
+
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df:
+        return None
+    paths = [p for p in df["checkpoint_path"].tolist() if isinstance(p, str) and p]
+    return ray.train.Checkpoint(paths[-1], filesystem=storage_fs) if paths else None
+
+
+TRIAL_END_TAG = "pose2seg.trial_end"
+"""Tag of a trial's MLflow child run: ``completed``, ``stopped`` (by ASHA, before its last
+epoch) or ``failed``."""
+
+
+def _close_trial_runs(parent, grid, statuses: dict[str, str], storage_fs=None) -> None:
+    """Tag every trial's MLflow run with how the trial ended (``statuses``: ablation status by
+    trial folder name) and end the runs their driver could not: ASHA stops a trial by ending
+    its actor, so the code after ``fit()`` never runs; a tracking server that was down when a
+    trial finished left its run RUNNING, short of the epochs rank 0 could not deliver. Those are
+    delivered first, from the trial's last checkpoint (its history of every epoch)."""
     from mlflow import MlflowClient
 
+    from workflows.mlflow_buffer import backfill_epoch_metrics
+    from workflows.mlflow_tracking import RunHandle
+    from workflows.train_finish import _checkpoint_history
+
     client = MlflowClient(tracking_uri=parent.tracking_uri)
-    errored = [os.path.basename(r.path) for r in grid if r.error]
-    running = client.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+    children = client.search_runs(
+        [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'"
     )
-    for run in running:
+    ends = {"ERROR": "failed", "STOPPED": "stopped", "OK": "completed"}
+    for run in children:
         trial_id = run.data.tags.get("pose2seg.trial_id", "")
-        failed = bool(trial_id) and any(trial_id in path for path in errored)
+        status = next((st for name, st in statuses.items() if trial_id and trial_id in name), None)
+        if status is not None:
+            client.set_tag(run.info.run_id, TRIAL_END_TAG, ends[status])
+        if run.info.status != "RUNNING":
+            continue
+        result = next((r for r in grid if trial_id and trial_id in os.path.basename(r.path)), None)
+        checkpoint = _last_checkpoint(result, storage_fs) if result is not None else None
+        if checkpoint is not None:
+            try:
+                history = _checkpoint_history(checkpoint)
+            except Exception as exc:  # a checkpoint that does not read has nothing to deliver
+                print(
+                    f"[pose2seg] trial {trial_id}: no epochs delivered from {checkpoint.path}: {exc}"
+                )
+                history = []
+            handle = RunHandle(parent.tracking_uri, run.info.run_id, parent.experiment_id)
+            backfill_epoch_metrics(handle, history)
+        failed = (result is not None and bool(result.error)) or status == "ERROR"
         client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
 
 
@@ -416,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         state = "moved to it" if reg.alias_moved else f"kept on version {reg.previous_version}"
         print(f"registered {reg.name} version {reg.version}; alias @{reg.alias} {state}")
     print(f"report: {outcome.report_dir}   MLflow parent run: {outcome.parent_run_id}")
+    if outcome.tracking_error:
+        from workflows.train_finish import TrackingUnavailableError
+
+        raise TrackingUnavailableError(outcome.tracking_error)
     return 0
 
 

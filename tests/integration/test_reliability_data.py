@@ -152,3 +152,43 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_to_the_newest_readable(
     assert any("resuming from the checkpoint of epoch 1" in line for line in out), out
     # Epoch 2 was trained again, from epoch 1's state, and the run finished.
     assert [int(h["epoch"]) for h in resumed.history] == [1, 2]
+
+
+def _read_parquet(fs, path):
+    import ray
+
+    ray.data.read_parquet(path, filesystem=fs).take_all()
+
+
+def _write_parquet(fs, path):
+    import ray
+
+    ray.data.from_items([{"a": 1}]).write_parquet(path, filesystem=fs)  # in a Ray Data task
+
+
+@pytest.mark.parametrize("operation", [_read_parquet, _write_parquet], ids=["read", "write"])
+def test_a_pyarrow_s3_error_inside_ray_data_names_the_endpoint_and_the_uri(
+    ray_session, capsys, monkeypatch, operation
+):
+    """Ray Data's own Parquet reads and writes (``load_split``, preprocessing's output) go
+    through pyarrow, whose S3 errors name the operation and the key but not the endpoint."""
+    from ray.data import DataContext
+
+    from preprocessing.storage import pyarrow_filesystem
+    from workflows.cli import run_main
+
+    monkeypatch.delenv("POSE2SEG_DEBUG", raising=False)
+    # Ray Data tries a failed Parquet write 10 times (backoff up to 32 s, about 3 minutes here)
+    # when the error is a network one: the message is the point, not Ray Data's patience.
+    monkeypatch.setattr(DataContext.get_current(), "retried_io_errors", [])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("POSE2SEG_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("POSE2SEG_S3_CONNECT_TIMEOUT_S", "2")
+    fs, path = pyarrow_filesystem("s3://bucket/processed/val")
+    t0 = time.monotonic()
+    assert run_main(lambda argv: operation(fs, path), []) == 2
+    assert time.monotonic() - t0 < 60
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: S3UnreachableError: S3 endpoint http://127.0.0.1:9 "), last
+    assert "s3://bucket/processed/val" in last, last

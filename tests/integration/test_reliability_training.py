@@ -12,6 +12,7 @@ its own local Ray, killed or interrupted by real signals, against a real MLflow 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -454,3 +455,140 @@ def test_a_command_starting_ray_prints_no_token_auth_notice(shared_data, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (home / ".ray" / "auth_token").is_file()  # token authentication is still on
     assert "Token authentication" not in proc.stderr, proc.stderr[:2000]
+
+
+# --------------------------------------------------------------------------------------------
+# 11. The console with a second Ray instance on the machine: no traceback from Ray Train
+# --------------------------------------------------------------------------------------------
+
+_FIT_BESIDE_ANOTHER_RAY = """
+import time
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from workflows.cli import init_ray
+
+init_ray(num_cpus=1)  # a new local instance, as a command starts one
+
+
+def loop():
+    time.sleep(4)  # Ray Train's placement-group cleaner polls the controller meanwhile
+
+
+scaling = ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})
+TorchTrainer(loop, scaling_config=scaling).fit()
+print("fit done", flush=True)
+"""
+
+
+def test_a_fit_beside_another_ray_instance_prints_no_cleaner_traceback(ray_session, tmp_path):
+    """This session's Ray is one instance; the script starts a second one on the machine. Ray
+    Train's placement-group cleaner (a detached actor of every fit) asks the State API about
+    the controller; without an address it found two GCS processes and printed a 30-line
+    "Found multiple active Ray instances" traceback to the command's console."""
+    ray_tmp = tempfile.mkdtemp(prefix="r27-")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _FIT_BESIDE_ANOTHER_RAY],
+            cwd=str(tmp_path),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        logs = Path(ray_tmp) / "ray" / "session_latest" / "logs"
+        cleaner_out = [
+            p for p in logs.glob("worker-*.out") if ":actor_name:PlacementGroupCleaner" in p.read_text()
+        ]
+        cleaner_err = "".join(p.with_suffix(".err").read_text() for p in cleaner_out)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0 and "fit done" in proc.stdout, proc.stderr[-3000:]
+    assert cleaner_out, "no placement-group cleaner ran: nothing was tested"
+    for text in (proc.stderr, cleaner_err):
+        assert "multiple active Ray instances" not in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# 3, for Tune: a tracking server gone by the end of a trial costs no trial and no search
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_search_whose_tracking_server_dies_keeps_its_trial_and_ends_in_one_line(
+    ray_session, shared_data, tmp_path, mlflow_server, capsys, monkeypatch
+):
+    import threading
+
+    from mlflow import MlflowClient
+
+    from workflows import tune
+    from workflows.mlflow_tracking import loggable_params
+
+    monkeypatch.delenv("POSE2SEG_DEBUG", raising=False)
+    name = "search-dead-server"
+    overrides = _overrides(
+        tmp_path,
+        shared_data,
+        **{
+            "registry.tracking_uri": mlflow_server.url,
+            "registry.model_name": "pose2seg-search-dead",
+            "train.num_workers": 1,
+            "train.cpus_per_worker": 0.25,
+            "tune.cpus_per_trial_driver": 0.25,
+            "tune.search_space": {"train.lr": [0.01]},  # as --set: YAML reads the repr
+            "tune.name": name,
+            "eval.output_dir": str(tmp_path / "outputs"),
+        },
+    )
+    config = tiny_config(tmp_path, **overrides)
+    params = len(loggable_params(config.to_flat()))
+    killed = threading.Event()
+
+    def kill_once_the_trial_run_is_logged() -> None:
+        # The trial's run exists with every param: the trial trains and ends without a server.
+        client = MlflowClient(tracking_uri=mlflow_server.url)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            with contextlib.suppress(Exception):
+                exp = client.get_experiment_by_name(config.registry.experiment)
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                if any("pose2seg.trial_id" in r.data.tags and len(r.data.params) >= params for r in runs):
+                    mlflow_server.kill()
+                    killed.set()
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_once_the_trial_run_is_logged, daemon=True)
+    watcher.start()
+    t0 = time.time()
+    rc = tune.main(_sets(overrides))
+    took = time.time() - t0
+    watcher.join(timeout=5)
+    out, err = capsys.readouterr()
+    assert killed.is_set(), "the server was never killed: nothing was tested"
+    # Before: the trial failed at its end_run (status ERROR, no best trial), then the search's
+    # own logging raised MLflow's error.
+    with open(tmp_path / "outputs" / name / "ablation.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "OK", row
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: TrackingUnavailableError: search ") and "does not answer" in last
+    assert "best checkpoint: " in last and f"tune.py --resume {name}" in last, last
+    assert took < 400, f"the search without its tracking server took {took:.0f} s"
+
+    mlflow_server.start()  # back, on the same port and store
+    assert tune.main([*_sets(overrides), "--resume", name]) == 0, capsys.readouterr().err[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp = client.get_experiment_by_name(config.registry.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("pose2seg.kind") == "tune"]
+    (child,) = [r for r in runs if "pose2seg.trial_id" in r.data.tags]
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    assert _steps(client, child.info.run_id, "train_loss") == [1, 2]  # from its checkpoint
+    version = client.get_model_version_by_alias(config.registry.model_name, config.registry.alias)
+    assert version.run_id == parent.info.run_id

@@ -132,3 +132,14 @@ def test_custom_worker_resources_pin_the_workers_to_their_nodes():
     check_resources(config, THREE)  # one worker on each of the two trainer nodes
     with pytest.raises(UnsatisfiableRequestError, match="no node can hold one worker"):
         check_resources(config, [_node(0, 8)])
+
+
+def test_a_trial_driver_asking_for_a_resource_no_node_has_is_refused():
+    head = [_node(0, 1, driver=4), _node(1, 1, trainer=1)]
+    ok = _config(**{"train.worker_resources": {"trainer": 1}, "train.num_workers": 1})
+    check_resources(ok, head, driver_cpus=0.25, driver_resources={"driver": 1})
+    with pytest.raises(UnsatisfiableRequestError) as err:
+        check_resources(ok, THREE, driver_cpus=0.25, driver_resources={"driver": 1})
+    line = str(err.value)
+    assert "a 0.25-CPU trial driver (driver 1)" in line
+    assert "no node can hold the trial driver (tune.cpus_per_trial_driver / " in line

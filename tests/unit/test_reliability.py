@@ -539,7 +539,7 @@ def test_pyfunc_bad_input_is_an_invalid_parameter_mlflow_exception():
     far[..., 2] = 2
     far[0, 5] = (5000, -300, 2)
     cases = [
-        ({"image": [b"junk"], "keypoints": ["[]"], "image_id": [4]}, "image_id 4: the image"),
+        ({"image": [b"junk"], "keypoints": ["[]"], "image_id": [4]}, "image_id 4: image: "),
         ({"image": [_png()], "keypoints": ["[[1, 2]]"], "image_id": [5]}, "N x 51"),
         ({"image": [_png()], "keypoints": [json.dumps(far.tolist())], "image_id": [6]}, "person 0"),
         ({"image": [_png()], "image_id": [7]}, "missing columns ['keypoints']"),
@@ -551,6 +551,52 @@ def test_pyfunc_bad_input_is_an_invalid_parameter_mlflow_exception():
         assert info.value.get_http_status_code() == 400 and fragment in info.value.message
     ok = pd.DataFrame({"image": [_png()], "keypoints": ["[]"], "image_id": [8]})
     assert len(model.predict(None, ok)) == 0
+
+
+def test_pyfunc_and_serve_give_one_reason_for_an_image_they_cannot_take():
+    """``mlflow models serve`` (the pyfunc) and the Serve application answer the same bytes
+    with the same one-line reason, which names the field, never Pillow's in-memory stream."""
+    import base64
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from workflows.pyfunc_model import Pose2SegPyfunc
+    from workflows.serve_request import RequestError, parse_request
+
+    model = Pose2SegPyfunc()
+    small = Config().with_overrides({"serve.max_image_pixels": 40 * 30 - 1})
+    model.predictor, model.config = _StubPredictor(), small
+    cases = [
+        (b"GIF89a but not an image", "image: not a decodable image"),
+        (_png(40, 30), "image: the image is 40x30 (WxH)"),  # above serve.max_image_pixels
+    ]
+    for data, fragment in cases:
+        frame = pd.DataFrame({"image": [data], "keypoints": ["[]"], "image_id": [4]})
+        with pytest.raises(MlflowException) as pyfunc:
+            model.predict(None, frame)
+        with pytest.raises(RequestError) as served:
+            parse_request({"image": base64.b64encode(data).decode()}, limits=small.serve)
+        assert pyfunc.value.message == f"image_id 4: {served.value}"
+        assert fragment in pyfunc.value.message
+        assert "BytesIO" not in pyfunc.value.message and "\n" not in pyfunc.value.message
+
+
+def test_a_logged_pyfunc_carries_every_project_package_it_imports():
+    """The model's ``code_paths`` hold every package the pyfunc imports (transitively), so it
+    loads where the project is not installed (``mlflow models serve --env-manager virtualenv``)."""
+    from tests.unit.test_layering import project_graph
+    from workflows.mlflow_tracking import PYFUNC_CODE_PACKAGES
+
+    graph = project_graph()
+    seen, todo = set(), ["workflows.pyfunc_model"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph[module])
+    assert "preprocessing.schema" in seen  # the image decoding and its reasons
+    assert {m.split(".")[0] for m in seen} <= set(PYFUNC_CODE_PACKAGES)
 
 
 def test_a_keypoint_results_file_with_1e308_says_out_of_range():

@@ -192,6 +192,47 @@ def test_bounded_http_waits_keep_what_the_user_set(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
 
 
+def test_what_a_worker_logs_first_waits_a_bounded_time_for_a_dead_server(monkeypatch):
+    """A Ray worker (or a Tune trial) is a fresh process: its first MLflow call, rank 0's
+    params at start, must not use MLflow's default 7 retries (about 4 minutes per call for a
+    server that is gone). A Tune trial's workers did (seen re-running the battery)."""
+    import threading
+
+    from mlflow.entities import Param
+
+    from workflows import mlflow_tracking as tracking
+    from workflows.mlflow_buffer import HTTP_WAIT_DEFAULTS, is_unreachable
+
+    for key in HTTP_WAIT_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)  # as in a new worker process
+    handle = tracking.RunHandle("http://127.0.0.1:9", "0" * 32, "0")  # nothing listens there
+    calls = {
+        "log_params": lambda: tracking.log_params(handle, {"train.precision_resolved": "fp32"}),
+        "set_tags": lambda: tracking.set_tags(handle, {"pose2seg.worker_nodes": "[]"}),
+        "log_metrics": lambda: tracking.log_metrics(handle, {"epoch": 1.0}, step=1),
+        "end_run": lambda: tracking.end_run(handle),
+        "raw client": lambda: tracking.run_client(handle).log_batch(
+            handle.run_id, params=[Param("a", "1")]
+        ),
+    }
+    for name, call in calls.items():
+        failure: list[BaseException] = []
+
+        def run(call=call, failure=failure) -> None:
+            try:
+                call()
+            except Exception as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        t0 = time.monotonic()
+        thread.start()
+        thread.join(timeout=40)
+        assert not thread.is_alive(), f"{name} still waiting after 40 s for a dead server"
+        assert failure and is_unreachable(failure[0]), (name, failure)
+        assert time.monotonic() - t0 < 40
+
+
 # --------------------------------------------------------------------------------------------
 # 11. The experiment opens on "Training runs": mlflow.experimentKind, new or reused
 # --------------------------------------------------------------------------------------------
@@ -210,3 +251,24 @@ def test_the_experiment_is_tagged_as_model_development_when_created_or_reused(st
     for exp_id in (new_id, old_id):
         tags = client.get_experiment(exp_id).tags
         assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def _first_use_of_the_store(uri: str) -> str:
+    from workflows.mlflow_tracking import client_for, ensure_experiment
+
+    try:
+        ensure_experiment(client_for(uri), "pose2seg", uri)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return "ok"
+
+
+def test_commands_started_at_once_on_a_new_sqlite_store_both_create_it(tmp_path):
+    """Two ``train.py`` started at once on a new ``mlflow.db`` both ran MLflow's migrations
+    and both died (exit 1, a traceback) — seen re-running the battery."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        outcomes = pool.map(_first_use_of_the_store, [uri] * 3)
+    assert outcomes == ["ok"] * 3, outcomes

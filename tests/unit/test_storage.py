@@ -108,3 +108,66 @@ def test_pyarrow_filesystem_s3_uses_endpoint_env(monkeypatch):
 def _s3_options(fs: pafs.S3FileSystem) -> dict:
     # pyarrow exposes the constructor options only through pickling support.
     return fs.__reduce__()[1][0]
+
+
+# pyarrow's own words (Arrow's s3fs), as Ray Data's and pyarrow's Parquet reads raise them.
+_REFUSED = (
+    "When getting information for key 'data/processed/val/part-0.parquet' in bucket 'bucket': "
+    "AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect "
+    "to server; Details: Failed to connect to 10.0.0.5 port 9000 after 0 ms: Could not connect "
+    "to server"
+)
+_SILENT = (
+    "When listing objects under key 'data/processed/val' in bucket 'bucket': AWS Error "
+    "NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 28, Timeout was reached; "
+    "Details: Operation too slow. Less than 1 bytes/sec transferred the last 1 seconds"
+)
+_DENIED = (
+    "When reading information for key 'x.parquet' in bucket 'bucket': AWS Error ACCESS_DENIED "
+    "during GetObject operation: Access Denied"
+)
+
+
+@pytest.mark.parametrize(
+    "text,kind,words",
+    [
+        (_REFUSED, "S3UnreachableError", "could not be reached for HeadObject of s3://bucket/data/processed/val/part-0.parquet"),
+        (_SILENT, "S3UnreachableError", "never answered for ListObjectsV2 of s3://bucket/data/processed/val"),
+        (_DENIED, "S3RequestError", "answered GetObject of s3://bucket/x.parquet with ACCESS_DENIED"),
+    ],
+    ids=["refused", "silent", "denied"],
+)
+def test_a_pyarrow_s3_error_names_the_endpoint_the_operation_and_the_uri(
+    monkeypatch, text, kind, words
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://10.0.0.5:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    named = storage.explain_s3_error(OSError(text))
+    assert type(named).__name__ == kind
+    assert str(named).startswith("S3 endpoint http://10.0.0.5:9000 ") and words in str(named)
+    other = FileNotFoundError("data/x.parquet")
+    assert storage.explain_s3_error(other) is other  # anything else unchanged
+
+
+def test_a_real_pyarrow_s3_failure_reaches_the_console_naming_the_endpoint(monkeypatch, capsys):
+    """A real pyarrow read against an endpoint that refuses connections, through a command's
+    error handling: one line naming the endpoint, the operation and the URI."""
+    import pyarrow.parquet as pq
+
+    from workflows.cli import run_main
+
+    monkeypatch.delenv("POSE2SEG_DEBUG", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("POSE2SEG_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("POSE2SEG_S3_CONNECT_TIMEOUT_S", "2")
+    uri = "s3://bucket/processed/val/part-0.parquet"
+
+    def main(argv):
+        fs, path = storage.pyarrow_filesystem(uri)
+        pq.read_table(path, filesystem=fs)
+
+    assert run_main(main, []) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: S3UnreachableError: S3 endpoint http://127.0.0.1:9 "), last
+    assert uri in last and "Object" in last, last

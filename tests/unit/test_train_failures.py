@@ -88,3 +88,47 @@ def test_parquet_errors_tell_a_corrupt_file_from_a_storage_failure(monkeypatch):
     ):
         with parquet_errors("s3://b/x.parquet"):
             raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: timeout")
+
+
+def test_the_placement_timeout_bounds_ray_trains_start_up_retries(monkeypatch):
+    from workflows.train_failures import START_TIMEOUT_ENV, placement_retry_limit
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    assert placement_retry_limit(0) == -1  # no bound: Ray Train's own behaviour
+    assert placement_retry_limit(900) == 14  # 15 attempts of 60 s
+    assert placement_retry_limit(61) == 1
+    assert placement_retry_limit(10) == 0  # one attempt, however short the bound
+    monkeypatch.setenv(START_TIMEOUT_ENV, "5")
+    assert placement_retry_limit(12) == 2
+
+
+def test_ray_train_giving_up_on_placement_becomes_one_line(monkeypatch):
+    import ray.train
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from workflows import cluster_checks
+    from workflows.train_failures import START_TIMEOUT_ENV, WorkersNotPlacedError, placement_error
+
+    monkeypatch.setenv(START_TIMEOUT_ENV, "2")
+    nodes = [cluster_checks.NodeInfo("ab" * 28, {"CPU": 1.0, "lane_b": 0.0}, True)]
+    monkeypatch.setattr(cluster_checks, "cluster_nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.5}, raising=False)
+    config = Config().with_overrides(
+        {
+            "train.num_workers": 1,
+            "train.worker_resources": {"lane_b": 1},
+            "train.placement_timeout_s": 6,
+        }
+    )
+    gave_up = ray.train.ControllerError(WorkerGroupStartupTimeoutError(num_workers=1))
+    err = placement_error(gave_up, config, "run-x")
+    assert isinstance(err, WorkersNotPlacedError) and isinstance(err, OSError)  # exit code 2
+    line = str(err)
+    assert "\n" not in line
+    assert line.startswith("run-x: its 1 Train worker x (CPU 0.5, lane_b 1) could not be placed")
+    assert "in 6 s (train.placement_timeout_s=6; 3 attempts of 2 s)" in line
+    assert "the cluster has node abababab (head): CPU 1; free now: CPU 0.5" in line
+    # Anything else is left as it is.
+    assert placement_error(RuntimeError("x"), config, "run-x") is None
+    other = ray.train.ControllerError(ValueError("bad"))
+    assert placement_error(other, config, "run-x") is None
