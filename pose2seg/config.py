@@ -398,12 +398,12 @@ class TrainConfig:
     """Weight of a per-person soft Dice term added to the per-pixel BCE mask loss (0 = BCE only)."""
     grad_clip_norm: float = 5.0
     """Clip the global gradient norm to this value (0 disables)."""
-    mixed_precision: str = "gpu"
-    """Training precision: ``gpu`` (autocast on a GPU: bf16 where supported, else fp16 +
-    GradScaler; fp32 on CPU), ``auto`` (as ``gpu``, and bf16 autocast on a CPU with native
-    bf16 — AMX-BF16, AVX512-BF16 or Arm BF16), ``bf16``, ``fp16`` or ``fp32``. The default stays
-    ``gpu`` until bf16's AP on CPU is measured against fp32 (docs/TRAINING.md, Precision).
-    Master weights and the loss stay fp32. The choice and its reason are printed once and
+    mixed_precision: str = "auto"
+    """Training precision: ``auto`` (autocast on a GPU: bf16 where supported, else fp16 +
+    GradScaler; bf16 autocast on a CPU with native bf16 — AMX-BF16, AVX512-BF16 or Arm BF16;
+    fp32 on other CPUs), ``gpu`` (as ``auto`` but fp32 on every CPU), ``bf16``, ``fp16`` or
+    ``fp32``. ``auto`` became the default once bf16's AP on CPU was measured against fp32
+    (docs/TRAINING.md, Precision). Master weights and the loss stay fp32. The choice and its reason are printed once and
     logged as the MLflow params ``train.precision_resolved`` / ``train.precision_reason``."""
     seed: int = 0
     """Seed of model init and data order."""

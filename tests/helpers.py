@@ -107,6 +107,9 @@ def tiny_overrides(tmp_path, **extra) -> dict:
         "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "registry.model_name": "pose2seg-test",
         "eval.batch_size": 4,
+        # The same arithmetic on every CI machine, with or without native bf16 (the default
+        # `auto` trains in bf16 where the CPU has it); tests of the precisions set their own.
+        "train.mixed_precision": "fp32",
     }
     overrides.update(extra)
     return overrides

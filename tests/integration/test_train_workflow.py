@@ -34,6 +34,9 @@ def test_mlflow_run_has_params_metrics_and_model(trained):
     assert run.data.params["model.roi_size"] == "16"
     assert run.data.params["train.epochs"] == "2"
     assert set(config.to_flat()) <= set(run.data.params)
+    # The precision each worker resolved, and why (the tiny config pins fp32).
+    assert run.data.params["train.precision_resolved"] == "fp32"
+    assert run.data.params["train.precision_reason"] == "set to fp32"
     history = client.get_metric_history(outcome.mlflow_run_id, "val_segm_ap")
     assert sorted(m.step for m in history) == [1, 2]
     assert client.get_metric_history(outcome.mlflow_run_id, "train_loss")

@@ -63,10 +63,10 @@ def test_machine_flags_are_read_from_cpuinfo():
 
 
 @pytest.mark.parametrize(
-    ("section", "default"), [("train", "gpu"), ("eval", "fp32"), ("serve", "fp32")]
+    ("section", "default"), [("train", "auto"), ("eval", "fp32"), ("serve", "fp32")]
 )
 def test_precision_keys_take_their_values_and_the_old_booleans(section, default):
-    # The defaults keep what the project did before these keys: autocast on GPU training only.
+    # Training autocasts where the hardware computes bf16/fp16 natively; inference stays fp32.
     key = f"{section}.mixed_precision"
     assert Config().to_flat()[key] == default
     for value, expected in [
