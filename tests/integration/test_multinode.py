@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 MODEL = "pose2seg-multinode"
 RUN_TIMEOUT_S = 600
 EPOCHS = 7  # the lost-node run: room for a start, a loss, a regrowth
+REGROW_GRACE_S = 60  # a replacement node joined this long before the end must hold a worker
 TUNE_EPOCHS = 2  # the search: rung 1 (ASHA), then a last epoch the retried trial trains
 
 
@@ -313,7 +314,15 @@ def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocesse
     wait_for_epoch(bucket, prefix, lost_at + 1, proc)
     replacement = cluster.add_node("worker3", num_cpus=1, resources=victim.resources)
     cluster.wait_for_nodes()
+    joined = time.time()
+    # Watch for the regrowth while the run goes on: a tiny run on a quiet machine may finish its
+    # last epochs before a new worker process is up on the replacement, which proves nothing.
+    grew = False
+    while proc.poll() is None and not grew:
+        grew = replacement.node_id in train_worker_nodes(cluster)
+        time.sleep(0.5)
     rc, out, err = finish(proc)
+    ended = time.time()
     assert rc == 0, out[-4000:] + err[-4000:]
 
     client = MlflowClient(tracking_uri=preprocessed["registry.tracking_uri"])
@@ -334,12 +343,19 @@ def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocesse
     # workers' resources are not yet free, and grow again: only the loss is asserted.)
     assert 2 in [world[e] for e in range(1, lost_at + 1)], shown  # two workers before the loss
     assert world[lost_at + 1] == 1, shown  # one after it: the run went on with fewer
-    assert world[EPOCHS] == 2, shown  # and grew back once the replacement joined
     placement = json.loads(run.data.tags["pose2seg.worker_nodes"])
     by_nodes = [set(p["nodes"]) for p in placement]
     assert set(on) in by_nodes, placement  # two workers on two nodes, by node id
     assert {survivor.node_id} in by_nodes, placement
-    assert set(placement[-1]["nodes"]) == {survivor.node_id, replacement.node_id}, placement
+    # It grows back once the replacement joined: asserted whenever the run outlived the join by
+    # REGROW_GRACE_S (Ray Train's resize check every 2 s + a new worker process's start).
+    if grew:
+        assert world[EPOCHS] == 2, shown
+        assert set(placement[-1]["nodes"]) == {survivor.node_id, replacement.node_id}, placement
+    else:
+        assert ended - joined < REGROW_GRACE_S, (
+            f"no worker on the replacement node in {ended - joined:.0f} s: {shown}"
+        )
     # The registered model comes from this finished run.
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.run_id == run.info.run_id
