@@ -324,7 +324,8 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     """All files below the folder/prefix ``uri`` (recursive, sorted), as full paths/URIs.
 
     Only names ending in ``suffix`` when given. A missing local folder raises
-    FileNotFoundError naming it; a missing S3 prefix lists as empty (S3 has no folders).
+    FileNotFoundError naming it; a missing S3 prefix lists as empty (S3 has no folders, and
+    the empty ``<folder>/`` objects some tools store as folders are not listed).
     """
     found: list[str] = []
     if not is_remote(uri):
@@ -342,7 +343,11 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
             with s3_call("ListObjectsV2", uri):
                 for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                     found.extend(
-                        f"{S3_SCHEME}{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                        f"{S3_SCHEME}{bucket}/{obj['Key']}"
+                        for obj in page.get("Contents", [])
+                        # An empty "<folder>/" object is a folder marker (pyarrow, which Ray
+                        # Train uploads checkpoints with, writes one per folder), not a file.
+                        if not obj["Key"].endswith("/")
                     )
         except ClientError as exc:
             if _is_missing(exc):

@@ -124,3 +124,39 @@ def test_ensure_synthetic_dataset_on_s3(s3_bucket):
     storage.write_bytes(images[0], b"marker")  # a regeneration would overwrite it
     ensure_synthetic_dataset(config)
     assert storage.read_bytes(images[0]) == b"marker"
+
+
+def test_folder_markers_are_not_files_and_an_s3_checkpoint_folder_gives_init_weights(
+    s3_bucket, tmp_path
+):
+    """Ray Train uploads checkpoint folders through pyarrow, which also stores each folder as an
+    empty ``<folder>/`` object: listing and downloading skip such markers (downloading one
+    failed with "Not a directory" and made every ``train.init_weights`` on S3 unreadable)."""
+    import torch
+
+    from pose2seg.arch import build_model
+    from pose2seg.checkpoint import save_checkpoint
+    from tests.helpers import tiny_config
+    from workflows.train_input import init_weights_state
+
+    config = tiny_config(tmp_path)
+    local = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = build_model(config.model, input_size=config.data.input_size)
+    save_checkpoint(
+        str(local), model=model, config=config, templates=np.zeros((2, 17, 3), np.float32)
+    )
+    fs, root = storage.pyarrow_filesystem(f"s3://{s3_bucket}/runs/r1/checkpoint_1")
+    fs.create_dir(root)  # the marker objects: runs/, runs/r1/, runs/r1/checkpoint_1/
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(local).as_posix()
+            storage.write_bytes(f"s3://{s3_bucket}/runs/r1/checkpoint_1/{rel}", path.read_bytes())
+    uri = f"s3://{s3_bucket}/runs/r1/checkpoint_1"
+    files = storage.list_files(uri)
+    assert files and not any(f.endswith("/") for f in files), files
+    assert storage.download_dir(uri, str(tmp_path / "down")) == len(files)
+    state = init_weights_state(config.with_overrides({"train.init_weights": uri}))
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
