@@ -17,8 +17,8 @@ Ray's own switches first, run in the process they concern:
 - Ray Train (:func:`train_logging_config`): ``LoggingConfig(log_level="WARNING")`` filters the
   ``ray.train`` loggers on the console of the controller and the workers; Ray Train's system
   log files keep every level.
-- each Ray Train worker (:func:`quiet_train_worker`): Ray Data's logging as in the driver (also
-  on a cluster whose workers did not inherit the variable), and :class:`DropRayInfo` on the
+- each Ray Train worker and each Tune trial driver (:func:`quiet_train_worker`): Ray Data's
+  logging as in the driver (also on a cluster whose workers did not inherit the variable), and :class:`DropRayInfo` on the
   console handler of the root logger, which Ray Train sets to INFO in its workers and which
   carries records of Ray's modules that are not named ``ray.train`` ("Reporting training result
   ..."). The root logger's file handler (``logs/train/ray-train-app-worker-*.log``) keeps them.
@@ -105,10 +105,14 @@ def train_logging_config(*, quiet: bool):
 
 
 def quiet_train_worker(*, quiet: bool) -> None:
-    """At the start of a Ray Train worker's loop (after Ray Train configured its loggers)."""
+    """At the start of a Ray Train worker's loop (after Ray Train configured its loggers) and
+    of a Tune trial driver."""
     if not quiet:
         return
     _use_quiet_ray_data_logging()
+    # Ray Train sets the root logger of its workers to INFO, so boto3's "Found credentials in
+    # environment variables." reached the console once per worker and S3 client.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     ray_filter = DropRayInfo()
     for handler in logging.getLogger().handlers:
         if _is_console(handler) and not any(isinstance(f, DropRayInfo) for f in handler.filters):

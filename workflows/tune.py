@@ -28,7 +28,13 @@ if __package__ in (None, ""):
 
 from pose2seg.config import PREPROCESS_KEYS, PREPROCESS_KEYS_IF_SET, Config  # noqa: E402
 from workflows.ablation_report import write_ablation_report  # noqa: E402
-from workflows.cli import add_config_args, command, config_from_args, init_ray  # noqa: E402
+from workflows.cli import (  # noqa: E402
+    add_config_args,
+    command,
+    config_from_args,
+    debug_enabled,
+    init_ray,
+)
 from workflows.coco_metrics import VAL_METRIC  # noqa: E402
 from workflows.mlflow_buffer import is_unreachable  # noqa: E402
 
@@ -66,19 +72,25 @@ def trial_overrides(base: Config, params: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def trial_driver(params: dict[str, Any]) -> None:
-    """One Tune trial: a whole Ray Train run with the trial's overrides (runs in a Tune actor)."""
+def trial_driver(params: dict[str, Any], search: dict[str, Any]) -> None:
+    """One Tune trial: a whole Ray Train run with the trial's overrides (runs in a Tune actor).
+
+    ``params``: the trial's own parameters (what Tune prints and stores per trial); ``search``:
+    what every trial shares (the base config, the MLflow parent run, the search's name, whether
+    Ray's INFO lines stay off the console), given once through ``tune.with_parameters``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows import mlflow_tracking as tracking
+    from workflows.console import quiet_train_worker
     from workflows.train_driver import build_trainer, prepare_data
     from workflows.train_finish import finish_trial_run
 
-    base = Config.from_flat(params["__base"])
+    quiet_train_worker(quiet=search["quiet"])  # Ray Data's INFO lines of this trial's datasets
+    base = Config.from_flat(search["base"])
     overrides = trial_overrides(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
-    run_name = f"{params['__experiment']}-{trial_id}"
+    run_name = f"{search['experiment']}-{trial_id}"
     # No in-trial retries: a diverging trial (NaN) fails the same way every time, and Tune
     # reports a failed trial and carries on with the search.
     config = base.with_overrides({**overrides, "train.run_name": run_name, "train.max_failures": 0})
@@ -87,11 +99,11 @@ def trial_driver(params: dict[str, Any]) -> None:
     handle = tracking.continue_run(
         config,
         run_name=run_name,
-        extra_filter=f"tags.mlflow.parentRunId = '{params['__parent_run_id']}'",
+        extra_filter=f"tags.mlflow.parentRunId = '{search['parent_run_id']}'",
     ) or tracking.start_run(
         config,
         run_name=run_name,
-        parent_run_id=params["__parent_run_id"],
+        parent_run_id=search["parent_run_id"],
         tags={
             "pose2seg.trial_id": trial_id,
             "pose2seg.overrides": json.dumps(overrides, sort_keys=True),
@@ -221,8 +233,16 @@ def run_tune(
         parent = tracking.start_run(config, run_name=name, tags={"pose2seg.kind": "tune"})
     print(f"[pose2seg] tune experiment {name}; MLflow parent run {parent.run_id}", flush=True)
 
+    # What every trial shares goes through the object store, not the trials' parameters: Tune
+    # prints each trial's parameters when it starts (the whole flat config was 200 lines a trial).
+    search = {
+        "base": config.to_flat(),
+        "parent_run_id": parent.run_id,
+        "experiment": name,
+        "quiet": not debug_enabled(None),
+    }
     trainable = tune.with_resources(
-        trial_driver,
+        tune.with_parameters(trial_driver, search=search),
         {"CPU": config.tune.cpus_per_trial_driver, **config.tune.driver_resources},
     )
     if config.tune.trials:
@@ -233,9 +253,6 @@ def run_tune(
             key: tune.grid_search(values) for key, values in config.tune.search_space.items()
         }
         report_keys = list(config.tune.search_space)
-    param_space.update(
-        {"__base": config.to_flat(), "__parent_run_id": parent.run_id, "__experiment": name}
-    )
     if restoring:
         print(f"[pose2seg] resuming the search at {experiment_path}", flush=True)
         tuner = tune.Tuner.restore(

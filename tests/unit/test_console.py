@@ -162,3 +162,19 @@ def test_known_mlflow_cautions_are_silenced_and_nothing_else():
         "another pyfunc warning",
         "Saving pytorch model by Pickle or CloudPickle format requires exercising (after)",
     ]
+
+
+def test_quiet_train_worker_keeps_botos_credential_notice_off_the_console(monkeypatch):
+    monkeypatch.setenv(console.RAY_DATA_LOGGING_ENV, "/already/set.yaml")
+    credentials, root = logging.getLogger("botocore.credentials"), logging.getLogger()
+    saved = credentials.level, root.level
+    try:
+        credentials.setLevel(logging.NOTSET)
+        root.setLevel(logging.INFO)  # as Ray Train sets it in its workers
+        assert credentials.isEnabledFor(logging.INFO)
+        console.quiet_train_worker(quiet=True)
+        assert not credentials.isEnabledFor(logging.INFO)
+        assert credentials.isEnabledFor(logging.WARNING)
+    finally:
+        credentials.setLevel(saved[0])
+        root.setLevel(saved[1])
