@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "pose2seg-multinode"
 RUN_TIMEOUT_S = 600
-EPOCHS = 7  # the lost-node run: room for a start, a loss, a regrowth
+EPOCHS = 12  # the lost-node run: room for a start, a loss, a regrowth
 REGROW_GRACE_S = 60  # a replacement node joined this long before the end must hold a worker
 TUNE_EPOCHS = 2  # the search: rung 1 (ASHA), then a last epoch the retried trial trains
 
@@ -195,22 +195,31 @@ def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> tuple[int,
     return (proc.returncode, *output(proc))
 
 
-def run_epochs(bucket: str, prefix: str) -> dict[str, int]:
-    """The last committed epoch of every Train run folder under s3://bucket/prefix: the newest
-    checkpoint its controller registered (``checkpoint_manager_snapshot.json``, what a run
+def committed(bucket: str, prefix: str) -> dict[str, list[dict]]:
+    """The metrics of every checkpoint the Train runs under s3://bucket/prefix committed: the
+    ones their controller registered (``checkpoint_manager_snapshot.json``, what a run
     restarted under the same name continues from). A checkpoint folder on S3 is not enough: a
     node lost between its upload and the controller's registration is an epoch redone."""
     from preprocessing.storage import s3_client
 
-    client, epochs = s3_client(), {}
+    client, runs = s3_client(), {}
     snapshot = "/checkpoint_manager_snapshot.json"
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             if obj["Key"].endswith(snapshot):
                 body = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                done = [int(r["metrics"]["epoch"]) for r in body.get("checkpoint_results", [])]
-                epochs[obj["Key"][: -len(snapshot)]] = max(done, default=0)
-    return epochs
+                runs[obj["Key"][: -len(snapshot)]] = [
+                    r["metrics"] for r in body.get("checkpoint_results", [])
+                ]
+    return runs
+
+
+def run_epochs(bucket: str, prefix: str) -> dict[str, int]:
+    """The last committed epoch of every Train run folder under s3://bucket/prefix."""
+    return {
+        run: max((int(m["epoch"]) for m in results), default=0)
+        for run, results in committed(bucket, prefix).items()
+    }
 
 
 def stored_epochs(bucket: str, prefix: str) -> set[int]:
@@ -342,11 +351,26 @@ def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocesse
         time.sleep(0.5)
     victim = next(n for n in on.values() if not n.head)
     survivor = next(n for n in cluster.nodes if n.node_id in on and n is not victim)
+    before = max(stored_epochs(bucket, prefix))  # committed by the two workers
     killed = cluster.kill_node(victim)
     assert killed
-    lost_at = max(stored_epochs(bucket, prefix))
-    # Wait until an epoch was stored by the one worker left, then add a replacement node.
-    wait_for_epoch(bucket, prefix, lost_at + 1, proc)
+    # Wait until an epoch trained by the one worker left is committed, then add a replacement
+    # node (added earlier, it can join before Ray Train restarts the group: no 1-worker epoch).
+    deadline = time.time() + 300
+    while True:
+        alone = [
+            int(m["epoch"])
+            for results in committed(bucket, prefix).values()
+            for m in results
+            if int(m["world_size"]) == 1 and int(m["epoch"]) > before
+        ]
+        if alone:
+            break
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {output(proc)[1][-3000:]}")
+        assert time.time() < deadline, "no epoch committed by one worker in 300 s"
+        time.sleep(0.5)
+    lost_at = min(alone) - 1  # the last epoch before the loss
     replacement = cluster.add_node("worker3", num_cpus=1, resources=victim.resources)
     cluster.wait_for_nodes()
     joined = time.time()

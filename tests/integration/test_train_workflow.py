@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import tiny_config
-
 pytestmark = pytest.mark.integration
 
 
@@ -93,29 +91,3 @@ def test_alias_moves_only_for_a_better_model(trained):
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
     holder = client.get_model_version_by_alias(config.registry.model_name, "champion")
     assert str(holder.version) == better.version
-
-
-def test_a_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_path):
-    from tests.helpers import kill_a_train_worker
-    from workflows.train_driver import run_training
-
-    config = tiny_config(tmp_path, **{"train.epochs": 4, "registry.register": False})
-    with kill_a_train_worker(tmp_path / "runs", after_epoch=1) as kill:
-        outcome = run_training(config)
-    assert kill["killed"], "no Ray Train worker was killed"
-    assert outcome.metrics["epoch"] == 4
-    # The restarted workers loaded the last checkpoint: the history holds each epoch once.
-    assert [int(h["epoch"]) for h in outcome.history] == [1, 2, 3, 4]
-    assert outcome.registration is None
-
-
-def test_resume_continues_a_finished_run_without_retraining(ray_session, tmp_path):
-    from workflows.train_driver import run_training
-
-    config = tiny_config(tmp_path, **{"train.epochs": 1, "registry.register": False})
-    first = run_training(config)
-    more = config.with_overrides({"train.epochs": 2})
-    second = run_training(more, resume=first.run_name)
-    assert [int(h["epoch"]) for h in second.history] == [1, 2]
-    # Epoch 1 came from the checkpoint: its loss is the first run's, bit for bit.
-    assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
