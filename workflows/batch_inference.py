@@ -254,7 +254,7 @@ def run_batch_inference(
                 "precision": config.eval.mixed_precision,
             },
             batch_size=config.eval.batch_size,
-            concurrency=num_actors,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),  # (Ray 2.51+: not concurrency=)
             num_cpus=cpus,
             num_gpus=1 if use_gpu else 0,
             batch_format="numpy",

@@ -119,7 +119,7 @@ def run_keypoint_detection(
             "num_threads": max(1, int(cpus)),
         },
         batch_size=config.eval.batch_size,
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),  # (Ray 2.51+: not concurrency=)
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
         batch_format="numpy",
