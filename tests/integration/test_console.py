@@ -180,3 +180,9 @@ def test_a_failing_worker_still_gets_its_reason_on_the_console(tmp_path, data_di
     assert reason and "UnreadableParquetError" in reason[-1], text[-4000:]
     assert any(str(s) in reason[-1] for s in shards), reason[-1]
     assert "failed; continue it with --resume" in text  # the project's own line
+    # And the MLflow run is not left RUNNING: FAILED (an interruption would be KILLED).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=overrides["registry.tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("pose2seg").experiment_id])
+    assert run.info.status == "FAILED"

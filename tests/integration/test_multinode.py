@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "pose2seg-multinode"
 RUN_TIMEOUT_S = 600
-EPOCHS = 12  # the lost-node run: room for a start, a loss, a regrowth
+EPOCHS = 9  # the lost-node run: room for a start, a loss, a regrowth
 REGROW_GRACE_S = 60  # a replacement node joined this long before the end must hold a worker
 TUNE_EPOCHS = 2  # the search: rung 1 (ASHA), then a last epoch the retried trial trains
 

@@ -257,39 +257,3 @@ def test_predict_counts_unreadable_and_unsafe_images_and_goes_on(trained, tmp_pa
 # --------------------------------------------------------------------------------------------
 # Resume continues the same MLflow run
 # --------------------------------------------------------------------------------------------
-
-
-def test_an_interrupted_run_resumes_into_the_same_mlflow_run(ray_session, tmp_path):
-    import ray.train
-    from mlflow import MlflowClient
-
-    from tests.helpers import kill_a_train_worker
-    from workflows.train_driver import run_training
-
-    config = tiny_config(
-        tmp_path, **{"train.epochs": 3, "train.max_failures": 0, "registry.register": False}
-    )
-    # A worker killed after epoch 1 with no failure allowed: the job fails.
-    with (
-        pytest.raises(ray.train.TrainingFailedError),
-        kill_a_train_worker(tmp_path / "runs", after_epoch=1) as kill,
-    ):
-        run_training(config)
-    assert kill["killed"]
-    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    exp = client.get_experiment_by_name(config.registry.experiment)
-    (first,) = client.search_runs([exp.experiment_id])
-    name = first.data.tags["pose2seg.run_name"]
-    assert first.info.status == "FAILED", "an interrupted run must not stay RUNNING"
-    # As if the driver had been SIGKILLed after epoch 1: the run is still RUNNING.
-    client.update_run(first.info.run_id, status="RUNNING")
-
-    resumed = run_training(config, resume=name)
-    assert resumed.mlflow_run_id == first.info.run_id
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, "one training job, one MLflow run"
-    run = client.get_run(first.info.run_id)
-    assert run.info.status == "FINISHED"
-    history = client.get_metric_history(first.info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == [1, 2, 3], "one continuous history, no step twice"
-    assert [int(h["epoch"]) for h in resumed.history] == [1, 2, 3]
