@@ -18,8 +18,9 @@ Ray's own switches first, run in the process they concern:
   ``ray.train`` loggers on the console of the controller and the workers; Ray Train's system
   log files keep every level.
 - each Ray Train worker and each Tune trial driver (:func:`quiet_train_worker`): Ray Data's
-  logging as in the driver (also on a cluster whose workers did not inherit the variable), and :class:`DropRayInfo` on the
-  console handler of the root logger, which Ray Train sets to INFO in its workers and which
+  logging as in the driver (also on a cluster whose workers did not inherit the variable),
+  boto's credential notice at WARNING, and :class:`DropRayInfo` on the console handler of the
+  root logger, which Ray Train sets to INFO in its workers and which
   carries records of Ray's modules that are not named ``ray.train`` ("Reporting training result
   ..."). The root logger's file handler (``logs/train/ray-train-app-worker-*.log``) keeps them.
 
