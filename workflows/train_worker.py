@@ -323,8 +323,11 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     # Ray Train's checkpoint, or the driver's older one when that is unreadable (--resume).
     checkpoint = resume_checkpoint(loop_config.get("resume_plan"))
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state.restore(ckpt_dir)
+        # A private copy per worker: Ray's shared per-checkpoint temporary folder, read by every
+        # worker of a machine, once gave a restarted worker a half-written training.pt (the CI
+        # lost-node run, 2026-12-06: "PytorchStreamReader failed reading file").
+        with tempfile.TemporaryDirectory(prefix="pose2seg-restore-") as own:
+            state.restore(checkpoint.to_directory(own))
         if rank == 0:
             say(
                 f"[pose2seg] resuming from the checkpoint of epoch {state.epoch} "
