@@ -83,6 +83,18 @@ class TrainState:
         self.history = list(loaded.state.get("history", []))
         self.placement = list(loaded.state.get("placement", []))
 
+    def restore_from(self, checkpoint) -> None:
+        """Restore from a Ray Train checkpoint through this worker's own local copy.
+
+        Not ``checkpoint.as_directory()``: for a checkpoint on S3 that hands every process of a
+        machine one shared temporary folder, and a process that waited for another's download
+        gets the folder as that download left it, half-written when the downloader died (a
+        restarting worker group). The CI lost-node run of 2026-12-06 failed that way
+        ("PytorchStreamReader failed reading file" at the regrowth restart).
+        """
+        with tempfile.TemporaryDirectory(prefix="pose2seg-restore-") as own:
+            self.restore(checkpoint.to_directory(own))
+
     def save(self, directory: str, *, config: Config, templates: np.ndarray, metrics) -> None:
         from pose2seg.checkpoint import save_checkpoint
 
@@ -323,11 +335,7 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     # Ray Train's checkpoint, or the driver's older one when that is unreadable (--resume).
     checkpoint = resume_checkpoint(loop_config.get("resume_plan"))
     if checkpoint is not None:
-        # A private copy per worker: Ray's shared per-checkpoint temporary folder, read by every
-        # worker of a machine, once gave a restarted worker a half-written training.pt (the CI
-        # lost-node run, 2026-12-06: "PytorchStreamReader failed reading file").
-        with tempfile.TemporaryDirectory(prefix="pose2seg-restore-") as own:
-            state.restore(checkpoint.to_directory(own))
+        state.restore_from(checkpoint)
         if rank == 0:
             say(
                 f"[pose2seg] resuming from the checkpoint of epoch {state.epoch} "

@@ -160,3 +160,73 @@ def test_folder_markers_are_not_files_and_an_s3_checkpoint_folder_gives_init_wei
     assert state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key
+
+
+def _upload_folder(local, uri: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"{uri}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+def test_a_worker_restores_from_its_own_copy_not_a_half_written_shared_folder(s3_bucket, tmp_path):
+    """A worker restoring from a checkpoint on S3 downloads its own copy. Ray's
+    ``Checkpoint.as_directory`` shares one temporary folder per machine, and a process that
+    waited for another's download gets that folder as the download left it: here the
+    downloader "died" half-way (a truncated ``training.pt``, its lock released), the situation
+    of a worker group restarted while one of its workers was still downloading."""
+    import shutil
+    import threading
+    import time
+    from pathlib import Path
+
+    import torch
+    from ray.air._internal.filelock import TempFileLock
+    from ray.train import Checkpoint
+
+    from pose2seg.checkpoint import MODEL_FILE, TRAINING_FILE
+    from tests.helpers import tiny_config
+    from workflows.train_worker import TrainState
+
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    saved = TrainState.build(config, total_steps=10, amp_dtype=None)
+    saved.epoch, saved.step = 3, 12
+    local = tmp_path / "ckpt"
+    saved.save(str(local), config=config, templates=np.zeros((2, 17, 3), np.float32), metrics={})
+    uri = f"s3://{s3_bucket}/runs/r1/checkpoint_3"
+    _upload_folder(local, uri)
+    fs, root = storage.pyarrow_filesystem(uri)
+    checkpoint = Checkpoint(root, filesystem=fs)
+    shared = Path(checkpoint._get_temporary_checkpoint_dir())
+
+    def died_half_way() -> None:
+        shared.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, TRAINING_FILE):
+            whole = (local / name).read_bytes()
+            (shared / name).write_bytes(whole[: len(whole) // 2])
+        held = threading.Event()
+
+        def downloader() -> None:  # holds the folder's lock, then dies
+            with TempFileLock(str(shared), timeout=0):
+                held.set()
+                time.sleep(0.5)
+
+        threading.Thread(target=downloader, daemon=True).start()
+        assert held.wait(10)
+
+    half = len((local / TRAINING_FILE).read_bytes()) // 2
+    try:
+        # The hazard is real: waiting for the "downloader", as_directory gives its half folder.
+        died_half_way()
+        with checkpoint.as_directory() as folder:
+            assert len((Path(folder) / TRAINING_FILE).read_bytes()) == half
+        died_half_way()
+        torch.manual_seed(1)
+        restored = TrainState.build(config, total_steps=10, amp_dtype=None)
+        restored.restore_from(checkpoint)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert (restored.epoch, restored.step) == (3, 12)
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value), key
+    assert restored.optimizer.state_dict() == saved.optimizer.state_dict()
