@@ -37,7 +37,13 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from workflows.local_cluster import LocalCluster, free_port, mlflow_server_argv  # noqa: E402
+from workflows.local_cluster import (  # noqa: E402
+    LocalCluster,
+    committed_checkpoints,
+    final_history,
+    free_port,
+    mlflow_server_argv,
+)
 
 TINY = {
     "data.input_size": 96,
@@ -110,16 +116,12 @@ def start_mlflow(tmp: str, bucket: str) -> tuple[subprocess.Popen, str]:
 
 
 def checkpoint_times(bucket: str, prefix: str, seen: dict[int, float]) -> None:
-    """Record the first time each checkpointed epoch is seen under s3://bucket/prefix."""
-    from preprocessing.storage import s3_client
-
-    client = s3_client()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith("/state.json") and "/checkpoint_" in key:
-                body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-                seen.setdefault(int(json.loads(body)["epoch"]), time.time())
+    """Record the first time each epoch's checkpoint is seen committed under s3://bucket/prefix
+    (registered by Ray Train's controller: a checkpoint only uploaded is redone if the node goes
+    before its registration, as it then never happened)."""
+    for results in committed_checkpoints(bucket, prefix).values():
+        for metrics in results:
+            seen.setdefault(int(metrics["epoch"]), time.time())
 
 
 def train_worker_nodes(cluster: LocalCluster) -> dict:
@@ -247,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         replacement = cluster.add_node("worker3", num_cpus=1, resources={"trainer": 1})
         cluster.wait_for_nodes()
         event(f"replacement node worker3 {replacement.node_id[:12]} joined")
+        join_t = time.time()
         rc = proc.wait(timeout=args.timeout)
         done.set()
         log.close()
@@ -254,6 +257,17 @@ def run(args: argparse.Namespace) -> dict:
         if rc != 0:
             raise RuntimeError(open(os.path.join(tmp, "train.log")).read()[-4000:])
         out.update(_mlflow_figures(tracking, run_name, sets["registry.model_name"]))
+        # What each epoch of the finished run was trained on: the final checkpoint's history.
+        history = final_history(bucket, f"runs/{run_name}/")
+        out["world_size_by_epoch"] = {int(h["epoch"]): int(h["world_size"]) for h in history}
+        out["epoch_seconds"] = {int(h["epoch"]): round(h["epoch_seconds"], 1) for h in history}
+        # The regrowth: the first epoch after the join trained by 2 workers, committed when.
+        regrown = [e for e, w in out["world_size_by_epoch"].items() if w == 2 and e > first_after]
+        out["joined_t_s"] = round(join_t - t0, 1)
+        out["first_epoch_on_2_workers_after_join"] = min(regrown) if regrown else None
+        out["its_commit_after_join_s"] = (
+            round(ckpts[min(regrown)] - join_t, 1) if regrown and min(regrown) in ckpts else None
+        )
         before = [ckpts[e] - ckpts[e - 1] for e in range(2, last_before + 1) if e - 1 in ckpts]
         last_t = ckpts.get(last_before, t0)
         gap = ckpts[first_after] - last_t
@@ -290,16 +304,12 @@ def _mlflow_figures(tracking: str, run_name: str, model: str) -> dict:
     exp = client.get_experiment_by_name("pose2seg").experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`pose2seg.run_name` = '{run_name}'")
     run = runs[0]
-    world = client.get_metric_history(run.info.run_id, "world_size")
-    seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
     version = client.get_model_version_by_alias(model, "champion")
     return {
         "mlflow_runs": len(runs),
         "epochs_logged": sorted(
             m.step for m in client.get_metric_history(run.info.run_id, "epoch")
         ),
-        "world_size_by_epoch": {m.step: int(m.value) for m in sorted(world, key=lambda m: m.step)},
-        "epoch_seconds": {m.step: round(m.value, 1) for m in sorted(seconds, key=lambda m: m.step)},
         "worker_nodes": json.loads(run.data.tags.get("pose2seg.worker_nodes", "[]")),
         "registered_version_from_this_run": version.run_id == run.info.run_id,
     }
@@ -334,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['checkpoint_interval_before_s']} s; killed mid-epoch: "
         f"{result['killed_mid_epoch']})"
     )
+    if result.get("first_epoch_on_2_workers_after_join"):
+        print(
+            f"grew back to 2 workers: epoch {result['first_epoch_on_2_workers_after_join']}, "
+            f"committed {result['its_commit_after_join_s']} s after the replacement joined"
+        )
+    else:
+        print("no epoch on 2 workers after the replacement joined (the run ended first)")
     common.write_json(args.out, result, machine=machine)
     return 0
 

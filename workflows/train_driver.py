@@ -102,7 +102,11 @@ def build_trainer(
 
     from workflows.cli import debug_enabled
     from workflows.console import train_logging_config
-    from workflows.train_failures import FailFastOnDataErrors, placement_retry_limit
+    from workflows.train_failures import (
+        FailFastOnDataErrors,
+        placement_retry_limit,
+        start_timeout_s,
+    )
 
     quiet = not debug_enabled(None)  # --debug / POSE2SEG_DEBUG=1: Ray's INFO lines shown
 
@@ -147,7 +151,9 @@ def build_trainer(
             max_failures=config.train.max_failures,
             # Bounded: a worker group that cannot be placed fails the run after
             # train.placement_timeout_s (Ray Train alone retries for ever).
-            controller_failure_limit=placement_retry_limit(config.train.placement_timeout_s),
+            controller_failure_limit=placement_retry_limit(
+                config.train.placement_timeout_s, start_timeout_s(config)
+            ),
         ),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=config.train.num_to_keep,
@@ -386,7 +392,10 @@ def run_training(
         resume_plan=resume_plan,
     )
     try:
-        result = fit_interruptibly(trainer)
+        from workflows.train_failures import placement_attempt
+
+        with placement_attempt(config):
+            result = fit_interruptibly(trainer)
     except BaseException as exc:
         # Never leave the run RUNNING: KILLED for an interruption (Ctrl-C, SIGTERM from
         # `ray job stop`), FAILED for an error. `--resume` reopens it.

@@ -21,9 +21,11 @@ one Ray Train would hand them (:func:`resume_checkpoint`), and the driver says s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,21 +82,45 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 60.0
 
 
-def start_timeout_s() -> float:
-    """Seconds one placement attempt of Ray Train waits (its env setting, read as it reads it)."""
+def start_timeout_s(config: Any = None) -> float:
+    """Seconds one placement attempt of Ray Train waits: ``train.placement_attempt_s`` when
+    set, else Ray Train's env setting, read as it reads it."""
+    if config is not None and config.train.placement_attempt_s > 0:
+        return float(config.train.placement_attempt_s)
     try:
         return float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
     except ValueError:
         return DEFAULT_START_TIMEOUT_S
 
 
-def placement_retry_limit(placement_timeout_s: float) -> int:
+@contextlib.contextmanager
+def placement_attempt(config: Any) -> Iterator[None]:
+    """Around ``fit()``: ``train.placement_attempt_s`` (when set) as Ray Train's own variable,
+    which Ray Train hands from the driver's environment to the run's controller when ``fit``
+    starts it; the driver's environment is as it was afterwards."""
+    seconds = config.train.placement_attempt_s
+    if seconds <= 0:
+        yield
+        return
+    before = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
+
+
+def placement_retry_limit(placement_timeout_s: float, attempt_s: float | None = None) -> int:
     """``FailureConfig(controller_failure_limit=...)`` for ``train.placement_timeout_s``: the
     placement attempts after the first, so that all of them together last about the timeout
-    (-1, no limit, for 0). Ray Train counts them over the whole run."""
+    (-1, no limit, for 0). ``attempt_s``: one attempt (default: Ray Train's setting). Ray Train
+    counts them over the whole run."""
     if placement_timeout_s <= 0:
         return -1
-    return max(0, math.ceil(placement_timeout_s / start_timeout_s()) - 1)
+    return max(0, math.ceil(placement_timeout_s / (attempt_s or start_timeout_s())) - 1)
 
 
 class WorkersNotPlacedError(TimeoutError):
@@ -117,7 +143,8 @@ def placement_error(exc: BaseException, config: Any, run_name: str) -> WorkersNo
 
     from workflows.cluster_checks import cluster_nodes, describe, describe_cluster, worker_resources
 
-    attempts = placement_retry_limit(config.train.placement_timeout_s) + 1
+    attempt_s = start_timeout_s(config)
+    attempts = placement_retry_limit(config.train.placement_timeout_s, attempt_s) + 1
     workers = config.train.min_workers if config.train.elastic else config.train.max_workers
     try:
         # Placement groups' own resources (CPU_group_<id>, bundle_group_<id>) are not what a
@@ -129,9 +156,9 @@ def placement_error(exc: BaseException, config: Any, run_name: str) -> WorkersNo
     return WorkersNotPlacedError(
         f"{run_name}: its {workers} Train worker{'s' if workers != 1 else ''} x "
         f"({describe(worker_resources(config))}) could not be placed in "
-        f"{attempts * start_timeout_s():.0f} s (train.placement_timeout_s="
+        f"{attempts * attempt_s:.0f} s (train.placement_timeout_s="
         f"{config.train.placement_timeout_s:g}; {attempts} attempt{'s' if attempts != 1 else ''}"
-        f" of {start_timeout_s():.0f} s): the cluster has {nodes}; free now: {free}"
+        f" of {attempt_s:.0f} s): the cluster has {nodes}; free now: {free}"
     )
 
 

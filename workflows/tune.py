@@ -120,8 +120,11 @@ def trial_driver(params: dict[str, Any], search: dict[str, Any]) -> None:
     )
     # No end_run on an exception here: when Tune stops a trial (ASHA, or at max_t) fit() may
     # raise too; the driver ends every run from the trial's final status (_close_trial_runs).
+    from workflows.train_failures import placement_attempt
+
     try:
-        result = trainer.fit()
+        with placement_attempt(config):
+            result = trainer.fit()
     except Exception as exc:
         from workflows.train_failures import placement_error
 

@@ -100,6 +100,31 @@ def test_the_placement_timeout_bounds_ray_trains_start_up_retries(monkeypatch):
     assert placement_retry_limit(10) == 0  # one attempt, however short the bound
     monkeypatch.setenv(START_TIMEOUT_ENV, "5")
     assert placement_retry_limit(12) == 2
+    assert placement_retry_limit(60, 15) == 3  # train.placement_attempt_s=15: 4 attempts
+
+
+def test_the_placement_attempt_key_is_ray_trains_variable_during_fit_only(monkeypatch):
+    import os
+
+    from workflows.train_failures import START_TIMEOUT_ENV, placement_attempt, start_timeout_s
+
+    monkeypatch.setenv(START_TIMEOUT_ENV, "30")
+    ray_own = Config()
+    assert start_timeout_s(ray_own) == 30.0  # 0: Ray's own setting
+    with placement_attempt(ray_own):
+        assert os.environ[START_TIMEOUT_ENV] == "30"
+    quick = Config().with_overrides({"train.placement_attempt_s": 15})
+    assert start_timeout_s(quick) == 15.0
+    with placement_attempt(quick):
+        assert os.environ[START_TIMEOUT_ENV] == "15"
+    assert os.environ[START_TIMEOUT_ENV] == "30"
+    monkeypatch.delenv(START_TIMEOUT_ENV)
+    with pytest.raises(RuntimeError), placement_attempt(quick):
+        assert os.environ[START_TIMEOUT_ENV] == "15"
+        raise RuntimeError("fit failed")
+    assert START_TIMEOUT_ENV not in os.environ
+    with pytest.raises(ValueError, match=r"train\.placement_attempt_s"):
+        Config().with_overrides({"train.placement_attempt_s": -1})
 
 
 def test_ray_train_giving_up_on_placement_becomes_one_line(monkeypatch):
