@@ -12,7 +12,7 @@ one worker, adds a replacement node after the next checkpoint, and prints:
   after it, minus the median interval between checkpoints before the kill (the epoch redone
   and the restart, against a normal epoch).
 
-    .venv/bin/python benchmarks/multinode_demo.py                     # defaults: ~5 min, 2 cores
+    .venv/bin/python benchmarks/multinode_demo.py                     # defaults: 12 epochs, ~3.5 min
     .venv/bin/python benchmarks/multinode_demo.py --epochs 6 --kill-in-epoch 3 --set data.synthetic_num_train=64
 
 Everything it starts (cluster, S3, MLflow) lives in private temp dirs on free loopback ports
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--kill-in-epoch", type=int, default=3)
     parser.add_argument(
         "--kill-fraction",

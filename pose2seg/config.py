@@ -347,8 +347,8 @@ class TrainConfig:
     run's controller); 0 = Ray's own setting (that variable, else 60 s). After a lost node an
     elastic run first retries at its old size (Ray's view of the cluster still holds the lost
     node, for up to half a minute) and waits one whole attempt before it goes on smaller: on a
-    cluster whose nodes are there or not (no autoscaler starting them) 15 s recovers ~45 s
-    sooner."""
+    cluster whose nodes are there or not (no autoscaler starting them) 15 s recovers sooner
+    (a lost node cost 75 s with 60, 45 s with 15: docs/cluster_multinode.md#measured)."""
     check_resources: bool = True
     """Refuse, before fitting, a request the cluster's nodes can never hold (a worker bigger than
     every node, more workers than fit, no CPU left for the Ray Data reads) and a local storage
