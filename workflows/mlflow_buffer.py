@@ -92,6 +92,9 @@ class MetricBuffer:
         self.echo = echo
         self._client = client
         self.pending: list[Any] = []  # mlflow.entities.Metric
+        self.superseded: list[tuple[str, int, float, float]] = []
+        """(key, step, value the run holds, value left out) for each value left out because the
+        run already held a different one at that step: an epoch trained again."""
         self.unreachable_since: float | None = None
         self._last_try = -math.inf
 
@@ -159,11 +162,22 @@ class MetricBuffer:
         after the server had stored it. MLflow then holds every step of a metric once."""
         keys = {m.key for m in self.pending}
         logged = {
-            (key, m.step)
+            (key, m.step): m.value
             for key in keys
             for m in client.get_metric_history(self.handle.run_id, key)
         }
-        self.pending = [m for m in self.pending if (m.key, m.step) not in logged]
+        kept = []
+        for m in self.pending:
+            held = logged.get((m.key, m.step))
+            if held is None:
+                kept.append(m)
+            elif held != m.value:
+                self.superseded.append((m.key, m.step, held, m.value))
+        self.pending = kept
+
+    def superseded_steps(self, key: str) -> list[int]:
+        """The steps of ``key`` whose value in the run is an earlier attempt's, not this one's."""
+        return sorted({step for k, step, _, _ in self.superseded if k == key})
 
     def undelivered(self) -> list[tuple[str, float, int, int]]:
         """What is still pending, as plain tuples (key, value, timestamp ms, step)."""

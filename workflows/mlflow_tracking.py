@@ -328,6 +328,21 @@ def set_tags(handle: RunHandle, tags: dict[str, str]) -> None:
         client.set_tag(handle.run_id, key, value)
 
 
+REDONE_EPOCHS_TAG = "pose2seg.redone_epochs"
+
+
+def note_redone_epochs(handle: RunHandle, epochs: list[int]) -> list[int]:
+    """Add ``epochs`` to the run's tag ``pose2seg.redone_epochs`` (a JSON list): epochs trained
+    again after a lost worker whose metrics in the run are the first, uncommitted attempt's
+    (MLflow keeps one value a step); the checkpoint's history holds the committed ones. Merged
+    with what an earlier rank 0 of the run noted. Returns the whole list."""
+    client = run_client(handle)
+    noted = json.loads(client.get_run(handle.run_id).data.tags.get(REDONE_EPOCHS_TAG, "[]"))
+    merged = sorted({int(e) for e in noted} | {int(e) for e in epochs})
+    client.set_tag(handle.run_id, REDONE_EPOCHS_TAG, json.dumps(merged))
+    return merged
+
+
 def metric_buffer(handle: RunHandle, **kwargs: Any) -> MetricBuffer:
     """Rank 0's buffered metric logger for the run (:class:`workflows.mlflow_buffer.MetricBuffer`)."""
     return MetricBuffer(handle, label=redact_uri(handle.tracking_uri), **kwargs)

@@ -137,6 +137,7 @@ class Worker:
     val_data: ValidationData
     metrics_log: Any  # mlflow_buffer.MetricBuffer of the run on rank 0 when tracked, else None
     run_t0: float = field(default_factory=time.time)
+    redone_noted: list[int] = field(default_factory=list)  # in the run's pose2seg.redone_epochs
 
 
 @dataclass
@@ -260,6 +261,7 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
         for step, values in stats.step_metrics:
             worker.metrics_log.log(values, step=step)
         worker.metrics_log.log(metrics, step=state.epoch)
+        _note_redone_epochs(worker)
         _best_effort(
             worker,
             lambda: set_tags(
@@ -267,6 +269,18 @@ def end_epoch(state: TrainState, worker: Worker, stats: EpochStats) -> dict[str,
             ),
         )
     return metrics
+
+
+def _note_redone_epochs(worker: Worker) -> None:
+    """Epochs this rank 0 trained again whose MLflow values stay the first attempt's: named in
+    the run's tag ``pose2seg.redone_epochs`` (a node lost after the epoch's checkpoint was
+    stored and before Ray Train registered it; the checkpoint's history has the redo's)."""
+    from workflows.mlflow_tracking import note_redone_epochs
+
+    redone = worker.metrics_log.superseded_steps("train_loss")
+    if redone and redone != worker.redone_noted:
+        if _best_effort(worker, lambda: note_redone_epochs(worker.metrics_log.handle, redone)):
+            worker.redone_noted = redone
 
 
 def scale_lr(state: TrainState, factor: float) -> None:
@@ -391,18 +405,21 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[TrainState, Worker]:
     return state, worker
 
 
-def _best_effort(worker: Worker, call) -> None:
+def _best_effort(worker: Worker, call) -> bool:
     """A tag or param of rank 0 (not buffered like the metrics): skipped while the tracking
-    server is unreachable, so it never holds up training (the buffer has said so once)."""
+    server is unreachable, so it never holds up training (the buffer has said so once).
+    Returns whether it was delivered."""
     from workflows.mlflow_buffer import is_unreachable
 
     if worker.metrics_log is None or worker.metrics_log.unreachable_since is not None:
-        return
+        return False
     try:
         call()
     except Exception as exc:
         if not is_unreachable(exc):
             raise
+        return False
+    return True
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:

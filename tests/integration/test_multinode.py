@@ -390,6 +390,11 @@ def test_a_lost_node_is_survived_and_the_run_scales_back_up(cluster, preprocesse
     assert [int(h["epoch"]) for h in history] == list(range(1, EPOCHS + 1))
     world = {int(h["epoch"]): int(h["world_size"]) for h in history}
     shown = dict(sorted(world.items()))
+    # The epochs whose MLflow values are such a first attempt's are exactly the ones the run's
+    # pose2seg.redone_epochs tag names (none, most runs).
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    differ = sorted(int(h["epoch"]) for h in history if losses[int(h["epoch"])] != h["train_loss"])
+    assert differ == json.loads(run.data.tags.get("pose2seg.redone_epochs", "[]")), differ
     # (An elastic group may also restart smaller for a moment after any restart, when the old
     # workers' resources are not yet free, and grow again: only the loss is asserted.)
     assert 2 in [world[e] for e in range(1, lost_at + 1)], shown  # two workers before the loss

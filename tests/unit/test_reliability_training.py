@@ -149,6 +149,49 @@ def test_a_step_the_run_already_holds_is_not_logged_again(store):
     assert [m.step for m in client.get_metric_history(handle.run_id, "epoch")] == [1, 2]
     losses = {m.step: m.value for m in client.get_metric_history(handle.run_id, "train_loss")}
     assert losses == {1: 0.9, 2: 0.7}
+    # What was left out, and differs: epoch 1's loss (its "epoch" value is the same, 1).
+    assert again.superseded == [("train_loss", 1, 0.9, 0.8)]
+    assert again.superseded_steps("train_loss") == [1] and again.superseded_steps("epoch") == []
+
+
+def test_an_epoch_trained_again_is_named_in_the_runs_redone_epochs_tag(store):
+    """Its MLflow values stay the first attempt's: the run says which epochs those are, merged
+    over every rank 0 the run had; a value delivered twice unchanged (a retried batch) is not
+    a redone epoch."""
+    import json
+    from types import SimpleNamespace
+
+    from workflows.mlflow_buffer import MetricBuffer
+    from workflows.mlflow_tracking import REDONE_EPOCHS_TAG
+    from workflows.train_worker import _note_redone_epochs
+
+    client, handle = store
+    first = MetricBuffer(handle, echo=lambda line: None)
+    for epoch, loss in ((1, 0.9), (2, 0.8), (3, 0.7)):
+        first.log({"epoch": epoch, "train_loss": loss}, step=epoch)
+
+    def tag():
+        return client.get_run(handle.run_id).data.tags.get(REDONE_EPOCHS_TAG)
+
+    same = SimpleNamespace(
+        metrics_log=MetricBuffer(handle, echo=lambda line: None), redone_noted=[]
+    )
+    same.metrics_log.log({"epoch": 3, "train_loss": 0.7}, step=3)  # delivered again, unchanged
+    _note_redone_epochs(same)
+    assert tag() is None
+    # A restarted rank 0 trains epoch 3 again; a later one epochs 2 and 3.
+    again = SimpleNamespace(
+        metrics_log=MetricBuffer(handle, echo=lambda line: None), redone_noted=[]
+    )
+    again.metrics_log.log({"epoch": 3, "train_loss": 0.75}, step=3)
+    _note_redone_epochs(again)
+    assert json.loads(tag()) == [3] and again.redone_noted == [3]
+    later = SimpleNamespace(
+        metrics_log=MetricBuffer(handle, echo=lambda line: None), redone_noted=[]
+    )
+    later.metrics_log.log({"epoch": 2, "train_loss": 0.85}, step=2)
+    _note_redone_epochs(later)
+    assert json.loads(tag()) == [2, 3]
 
 
 def test_errors_other_than_reachability_still_raise(store):
