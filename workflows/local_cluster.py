@@ -314,23 +314,30 @@ class LocalCluster:
         self.nodes.clear()
 
 
+def _s3_json(bucket: str, prefix: str, suffix: str):
+    """(key, parsed JSON) of every object under s3://bucket/prefix whose key ends with ``suffix``."""
+    from preprocessing.storage import s3_client
+
+    client = s3_client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith(suffix):
+                yield (
+                    obj["Key"],
+                    json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()),
+                )
+
+
 def committed_checkpoints(bucket: str, prefix: str) -> dict[str, list[dict]]:
     """The metrics of every checkpoint the Train runs under s3://bucket/prefix committed, by run
     folder: the ones their controller registered (``checkpoint_manager_snapshot.json``, what a
     run restarted under the same name continues from). A checkpoint folder on S3 is not enough:
     a node lost between its upload and the controller's registration is an epoch redone."""
-    from preprocessing.storage import s3_client
-
-    client, runs = s3_client(), {}
     snapshot = "/checkpoint_manager_snapshot.json"
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(snapshot):
-                body = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                runs[obj["Key"][: -len(snapshot)]] = [
-                    r["metrics"] for r in body.get("checkpoint_results", [])
-                ]
-    return runs
+    return {
+        key[: -len(snapshot)]: [r["metrics"] for r in body.get("checkpoint_results", [])]
+        for key, body in _s3_json(bucket, prefix, snapshot)
+    }
 
 
 def final_history(bucket: str, prefix: str) -> list[dict]:
@@ -338,18 +345,10 @@ def final_history(bucket: str, prefix: str) -> list[dict]:
     s3://bucket/prefix: what every epoch of the finished run was trained on, redone ones as
     redone (MLflow keeps the first attempt's values of an epoch redone after a node was lost
     between its checkpoint's upload and Ray Train's registration of it)."""
-    from preprocessing.storage import s3_client
-
-    client, newest = s3_client(), None
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith("/state.json") and "/checkpoint_" in obj["Key"]:
-                state = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-                if newest is None or int(state["epoch"]) > int(newest["epoch"]):
-                    newest = state
-    if newest is None:
+    states = [s for key, s in _s3_json(bucket, prefix, "/state.json") if "/checkpoint_" in key]
+    if not states:
         raise FileNotFoundError(f"no checkpoint under s3://{bucket}/{prefix}")
-    return list(newest.get("history", []))
+    return list(max(states, key=lambda s: int(s["epoch"])).get("history", []))
 
 
 def stop_temp_dir(temp_dir: str, *, grace_s: float = 5.0, extra: set[int] | None = None) -> None:

@@ -230,3 +230,27 @@ def test_a_worker_restores_from_its_own_copy_not_a_half_written_shared_folder(s3
     for key, value in saved.model.state_dict().items():
         assert torch.equal(restored.model.state_dict()[key], value), key
     assert restored.optimizer.state_dict() == saved.optimizer.state_dict()
+
+
+def test_committed_checkpoints_and_the_final_history_are_read_from_s3(s3_bucket):
+    """What the multi-node test and demo read of a run on S3: the checkpoints its controller
+    registered, per run folder (an uploaded, unregistered one is not among them), and the
+    history of the newest stored checkpoint (by epoch, not by the listing's order)."""
+    from workflows.local_cluster import committed_checkpoints, final_history
+
+    base = f"s3://{s3_bucket}/runs"
+    for epoch in (2, 10, 9):  # "checkpoint_10" lists before "checkpoint_9"
+        history = [{"epoch": e, "world_size": 1 + (e > 5)} for e in range(1, epoch + 1)]
+        state = {"epoch": epoch, "history": history}
+        storage.write_bytes(f"{base}/r1/checkpoint_{epoch}/state.json", json.dumps(state).encode())
+    snapshot = {"checkpoint_results": [{"metrics": {"epoch": 2}}, {"metrics": {"epoch": 9}}]}
+    storage.write_bytes(
+        f"{base}/r1/checkpoint_manager_snapshot.json", json.dumps(snapshot).encode()
+    )
+    storage.write_bytes(f"{base}/r1/notes/state.json", json.dumps({"epoch": 99}).encode())
+
+    assert committed_checkpoints(s3_bucket, "runs/") == {"runs/r1": [{"epoch": 2}, {"epoch": 9}]}
+    assert committed_checkpoints(s3_bucket, "other/") == {}
+    assert [h["epoch"] for h in final_history(s3_bucket, "runs/")] == list(range(1, 11))
+    with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/other/"):
+        final_history(s3_bucket, "other/")
